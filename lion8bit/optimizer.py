@@ -1,0 +1,500 @@
+"""The Lion optimizer: argument checks, param groups, lazy state, the step loop, state dicts.
+
+It collects each group's params, grads and state, and hands them to one step function per
+backend: :func:`torch_lion_step` (the reference, one tensor at a time) or a fused kernel from
+:mod:`lion8bit.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from itertools import chain
+
+import torch
+from torch.optim import Optimizer
+
+from . import kernels, quant
+from . import state as st
+from .reference import LionScalars, lion_scalars, reference_step
+
+BACKENDS = ("auto", "torch", "triton", "cpu")
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Group options and their defaults; also what __setstate__ fills into old checkpoints' groups.
+DEFAULTS = dict(
+    lr=1e-4,
+    betas=(0.9, 0.99),
+    weight_decay=0.0,
+    state="8bit",
+    block_size=quant.BLOCK_SIZE,
+    min_8bit_size=4096,
+    cautious_factor=1.0,
+    cautious_weight_decay=False,
+    decoupled_weight_decay=False,
+    stochastic_rounding=False,
+    paged=False,
+    backend="auto",
+    maximize=False,
+)
+# Options that define the stored state's format: a loaded state dict must have the same ones.
+_FORMAT_OPTIONS = ("state", "block_size", "min_8bit_size")
+# Where and how this process runs, not how training behaves: kept from this optimizer on load.
+_RUNTIME_OPTIONS = ("backend", "paged")
+_FLAGS = ("cautious_weight_decay", "decoupled_weight_decay", "stochastic_rounding", "paged", "maximize")
+
+
+def check_group_options(group: dict, where: str = "") -> None:
+    """Raise ValueError / TypeError naming the first invalid option of a param group."""
+    at = f" in {where}" if where else ""
+    lr = group["lr"]
+    lr_value = float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
+    if lr_value is None or not math.isfinite(lr_value) or lr_value <= 0:
+        raise ValueError(f"Invalid learning rate{at}: {lr}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas{at}: {betas} (expected two numbers)")
+    for index, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}{at}: {beta}")
+    weight_decay = group["weight_decay"]
+    if not isinstance(weight_decay, (int, float)) or not (
+        math.isfinite(weight_decay) and weight_decay >= 0.0
+    ):
+        raise ValueError(f"Invalid weight_decay value{at}: {weight_decay}")
+    if group["state"] not in st.STATE_KINDS:
+        raise ValueError(f"Invalid state{at}: {group['state']!r} (expected one of {st.STATE_KINDS})")
+    if group["backend"] not in BACKENDS:
+        raise ValueError(f"Invalid backend{at}: {group['backend']!r} (expected one of {BACKENDS})")
+    block_size = group["block_size"]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or (
+        block_size & (block_size - 1)
+    ):
+        raise ValueError(f"Invalid block_size{at}: {block_size} (expected a positive power of two)")
+    min_8bit_size = group["min_8bit_size"]
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size{at}: {min_8bit_size}")
+    factor = group["cautious_factor"]
+    if not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
+        raise ValueError(f"Invalid cautious_factor{at}: {factor} (expected 0 <= f <= 1)")
+    for flag in _FLAGS:
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"Invalid {flag}{at}: {group[flag]!r} (expected a bool)")
+
+
+def _compat_options(
+    *, state, backend, paged, cautious_weight_decay, use_triton, cautious_wd, optim_bits, is_paged, args
+) -> dict:
+    """Map lion-pytorch / bitsandbytes keywords onto ours, refusing contradictions."""
+    if args is not None:
+        raise TypeError(
+            "args= (bitsandbytes' config object) is not supported; pass optim_bits, "
+            "min_8bit_size and is_paged as keywords"
+        )
+    if use_triton is not None:
+        if use_triton and backend not in ("auto", "triton"):
+            raise ValueError(f"use_triton=True contradicts backend={backend!r}")
+        if use_triton:
+            backend = "triton"
+    if cautious_wd is not None:
+        if cautious_weight_decay and not cautious_wd:
+            raise ValueError("cautious_wd=False contradicts cautious_weight_decay=True")
+        cautious_weight_decay = bool(cautious_wd)
+    if optim_bits is not None:
+        by_bits = {8: "8bit", 32: "fp32"}
+        if optim_bits not in by_bits:
+            raise ValueError(f"Invalid optim_bits: {optim_bits} (expected 8 or 32)")
+        if state != "8bit" and state != by_bits[optim_bits]:
+            raise ValueError(f"optim_bits={optim_bits} contradicts state={state!r}")
+        state = by_bits[optim_bits]
+    if is_paged is not None:
+        paged = paged or bool(is_paged)
+    return dict(state=state, backend=backend, paged=paged, cautious_weight_decay=cautious_weight_decay)
+
+
+def _param_label(group_index: int, position: int, group: dict, param: torch.Tensor) -> str:
+    names = group.get("param_names")
+    name = f" ({names[position]!r})" if names else ""
+    return f"param_groups[{group_index}]['params'][{position}]{name} of shape {tuple(param.shape)}"
+
+
+def torch_lion_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    entries: list[dict],
+    formats: list[str],
+    *,
+    scalars: LionScalars,
+    block_size: int,
+    stochastic_rounding: bool,
+) -> None:
+    """backend="torch": the reference, one tensor at a time, in fp32."""
+    for param, grad, entry, fmt in zip(params, grads, entries, formats):
+        reference_step(
+            param,
+            grad,
+            entry,
+            scalars,
+            fmt=fmt,
+            block_size=block_size,
+            stochastic_rounding=stochastic_rounding,
+        )
+
+
+def _resolve_backend(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "triton" if kernels.available("triton") else "torch"
+    if device.type == "cpu":
+        return "cpu" if kernels.available("cpu") else "torch"
+    return "torch"
+
+
+def _step_function(backend: str):
+    return torch_lion_step if backend == "torch" else kernels.load(backend)
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al. 2023, arXiv 2302.06675) with its momentum stored in 8 bits, bf16 or fp32.
+
+    Per parameter: ``c = beta1*m + (1-beta1)*g``; ``p -= lr*sign(c)`` after weight decay
+    ``p *= 1 - lr*wd``; ``m = beta2*m + (1-beta2)*g``. The momentum is stored block-quantized in
+    8 bits (``state="8bit"``, the bitsandbytes format; tensors under ``min_8bit_size`` elements
+    keep fp32), in bf16, or in fp32. See ``lion8bit/reference.py`` for the exact spec.
+
+    Args:
+        params: iterable of parameters (or named parameters) or dicts defining param groups.
+        lr: learning rate; Lion wants 3-10x less than AdamW.
+        betas: (beta1, beta2), interpolation for the update and the momentum decay.
+        weight_decay: decoupled weight decay; Lion wants 3-10x more than AdamW.
+        state: ``"8bit"`` | ``"bf16"`` | ``"fp32"``, how the momentum is stored.
+        block_size: elements per absmax block of ``"8bit"`` (a power of two; 256 = bitsandbytes).
+        min_8bit_size: tensors with fewer elements keep fp32 momentum under ``"8bit"``.
+        cautious_factor: 1.0 = off; below 1 scales updates whose sign disagrees with the gradient
+            by this factor and renormalises (lion-pytorch ``cautious_lion``; 0.0 = full mask).
+        cautious_weight_decay: decay only where ``update * param >= 0`` (arXiv 2510.12402).
+        decoupled_weight_decay: use ``weight_decay / initial_lr`` (lion-pytorch's option); the
+            initial lr is kept in the group as ``initial_lr``.
+        stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
+            reproducible (keyed on a per-param seed, the step and the element index).
+        paged: keep the momentum in CUDA managed memory (GPU only; warns and ignores on CPU).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
+        maximize: maximize the objective instead of minimizing.
+
+    Also accepted, so code written for lion-pytorch or bitsandbytes runs unchanged:
+    ``use_triton`` (True means ``backend="triton"``), ``cautious_wd``, ``optim_bits`` (8 or 32)
+    and ``is_paged``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        state: str = "8bit",
+        block_size: int = quant.BLOCK_SIZE,
+        min_8bit_size: int = 4096,
+        cautious_factor: float = 1.0,
+        cautious_weight_decay: bool = False,
+        decoupled_weight_decay: bool = False,
+        stochastic_rounding: bool = False,
+        paged: bool = False,
+        backend: str = "auto",
+        maximize: bool = False,
+        use_triton: bool | None = None,
+        cautious_wd: bool | None = None,
+        optim_bits: int | None = None,
+        is_paged: bool | None = None,
+        args=None,
+    ):
+        compat = _compat_options(
+            state=state,
+            backend=backend,
+            paged=paged,
+            cautious_weight_decay=cautious_weight_decay,
+            use_triton=use_triton,
+            cautious_wd=cautious_wd,
+            optim_bits=optim_bits,
+            is_paged=is_paged,
+            args=args,
+        )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            weight_decay=weight_decay,
+            state=compat["state"],
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            cautious_factor=cautious_factor,
+            cautious_weight_decay=compat["cautious_weight_decay"],
+            decoupled_weight_decay=decoupled_weight_decay,
+            stochastic_rounding=stochastic_rounding,
+            paged=compat["paged"],
+            backend=compat["backend"],
+            maximize=maximize,
+        )
+        check_group_options(defaults)
+        self._paged_warned = False
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]"
+        try:
+            check_group_options(group, where)
+            for position, param in enumerate(group["params"]):
+                if param.dtype not in PARAM_DTYPES:
+                    label = _param_label(len(self.param_groups) - 1, position, group, param)
+                    raise ValueError(
+                        f"Invalid parameter dtype of {label}: {param.dtype} "
+                        f"(Lion supports {', '.join(str(d) for d in PARAM_DTYPES)})"
+                    )
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        # The lr at construction, for decoupled weight decay; LR schedulers use the same key.
+        group.setdefault("initial_lr", float(group["lr"]))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in DEFAULTS.items():
+                group.setdefault(name, default)
+            group.setdefault("initial_lr", float(group["lr"]))
+        self.__dict__.setdefault("_paged_warned", False)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _new_state(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
+        if group["paged"] and param.device.type != "cuda" and not self._paged_warned:
+            warnings.warn(
+                "paged=True needs CUDA managed memory; this parameter is on "
+                f"{param.device.type}, so its momentum uses ordinary memory",
+                stacklevel=4,
+            )
+            self._paged_warned = True
+        entry = {st.STEP: 0}
+        entry.update(st.new_momentum(param, fmt, group["block_size"]))
+        return entry
+
+    def _prepare(self, param: torch.Tensor, group: dict, index: int, label) -> tuple[dict, str]:
+        """The param's state entry: created, or re-encoded if the group's state kind changed."""
+        block_size = group["block_size"]
+        fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+        entry = self.state[param]
+        if not entry:
+            entry.update(self._new_state(param, group, fmt))
+        stored = st.stored_format(entry)
+        if stored == "8bit" and entry[st.MOMENTUM_ABSMAX].numel() != quant.num_blocks(
+            param.numel(), block_size
+        ):
+            raise ValueError(
+                f"{label()}: its 8-bit momentum has {entry[st.MOMENTUM_ABSMAX].numel()} blocks, "
+                f"but block_size={block_size} needs {quant.num_blocks(param.numel(), block_size)}; "
+                "block_size cannot change once the state exists"
+            )
+        if stored != fmt:
+            # The group's state kind or min_8bit_size was changed: re-encode the momentum.
+            values = st.decode_momentum(entry, stored, block_size)
+            for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+                entry.pop(key, None)
+            entry.update(st.new_momentum(param, fmt, block_size))
+            st.encode_momentum(entry, values, fmt, block_size)
+        if group["stochastic_rounding"] and st.SR_SEED not in entry:
+            entry[st.SR_SEED] = quant.mix32(index)
+        return entry, fmt
+
+    # -- step ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        index = -1
+        for group_index, group in enumerate(self.param_groups):
+            buckets: dict[str, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+            for position, param in enumerate(group["params"]):
+                index += 1
+                grad = param.grad
+                if grad is None:
+                    continue
+                self._check_grad(param, grad, group_index, position, group)
+                entry, fmt = self._prepare(
+                    param, group, index, lambda: _param_label(group_index, position, group, param)
+                )
+                entry[st.STEP] += 1
+                backend = _resolve_backend(group["backend"], param.device)
+                bucket = buckets[backend]
+                bucket[0].append(param)
+                bucket[1].append(grad)
+                bucket[2].append(entry)
+                bucket[3].append(fmt)
+            if not buckets:
+                continue
+            scalars = lion_scalars(group)
+            for backend, (params, grads, entries, formats) in buckets.items():
+                _step_function(backend)(
+                    params,
+                    grads,
+                    entries,
+                    formats,
+                    scalars=scalars,
+                    block_size=group["block_size"],
+                    stochastic_rounding=group["stochastic_rounding"],
+                )
+        return loss
+
+    @staticmethod
+    def _check_grad(param, grad, group_index, position, group) -> None:
+        if grad.is_sparse:
+            label = _param_label(group_index, position, group, param)
+            raise RuntimeError(f"Lion does not support sparse gradients ({label})")
+        if grad.shape != param.shape:
+            label = _param_label(group_index, position, group, param)
+            raise RuntimeError(f"Gradient of {label} has shape {tuple(grad.shape)}")
+        if grad.device != param.device:
+            label = _param_label(group_index, position, group, param)
+            raise RuntimeError(f"Gradient of {label} is on {grad.device}, the parameter on {param.device}")
+        if grad.dtype != param.dtype and grad.dtype != torch.float32:
+            label = _param_label(group_index, position, group, param)
+            raise RuntimeError(
+                f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32"
+            )
+
+    # -- state dicts ---------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer, of ``bitsandbytes.optim.Lion8bit`` / ``Lion``, or
+        of ``lion_pytorch.Lion`` (recognised by their keys; foreign ones are converted into this
+        optimizer's state kinds).
+
+        Hyperparameters (lr, betas, ...) come from the state dict, as in torch; ``backend`` and
+        ``paged`` stay this optimizer's. Everything is checked before anything changes: a state
+        dict for other shapes, another state kind, block size or ``min_8bit_size`` raises
+        ValueError naming the group or parameter, and the optimizer is left as it was. Tensors keep their dtypes (uint8 codes, fp32 absmax, bf16 momentum
+        are never cast to the param dtype) and are copied, never shared with ``state_dict``.
+        """
+        from . import interop
+
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("Invalid state dict: expected a dict with 'state' and 'param_groups'")
+        source = interop.detect_format(state_dict)
+        if source != "lion8bit":
+            state_dict = interop.convert_to_lion8bit(state_dict, source, self)
+
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(groups)}"
+            )
+        for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param_groups[{group_index}] has {len(group['params'])} parameters, "
+                    f"the loaded state dict's {len(saved['params'])}"
+                )
+
+        new_groups = []
+        for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            merged = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            for name, default in DEFAULTS.items():
+                merged.setdefault(name, default)
+            merged.setdefault("initial_lr", float(merged["lr"]))
+            merged["betas"] = tuple(merged["betas"])
+            check_group_options(merged, f"loaded param_groups[{group_index}]")
+            for name in _FORMAT_OPTIONS:
+                if merged[name] != group[name]:
+                    raise ValueError(
+                        f"param_groups[{group_index}]: the state dict was saved with "
+                        f"{name}={merged[name]!r}, this optimizer has {name}={group[name]!r}; "
+                        "construct it with the checkpoint's setting"
+                    )
+            for name in _RUNTIME_OPTIONS:
+                merged[name] = group[name]
+            merged["params"] = group["params"]
+            if "param_names" in group:
+                merged["param_names"] = group["param_names"]
+            new_groups.append(merged)
+
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        locations = [
+            (group_index, position, param, group)
+            for group_index, group in enumerate(new_groups)
+            for position, param in enumerate(group["params"])
+        ]
+        new_state = defaultdict(dict)
+        for saved_id, (group_index, position, param, group) in zip(saved_ids, locations):
+            entry = state_dict["state"].get(saved_id)
+            if entry is None:
+                continue
+            label = _param_label(group_index, position, group, param)
+            new_state[param] = _checked_entry(entry, param, group, label)
+
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+_KNOWN_KEYS = {st.STEP, st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX, st.SR_SEED}
+
+
+def _checked_entry(entry, param: torch.Tensor, group: dict, label: str) -> dict:
+    """A copy of one loaded state entry on the param's device, or ValueError naming the param."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{label}: state must be a dict, got {type(entry).__name__}")
+    unknown = set(entry) - _KNOWN_KEYS
+    if unknown:
+        raise ValueError(f"{label}: unknown state keys {sorted(unknown)}")
+    step = entry.get(st.STEP, 0)
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{label}: step must be a non-negative int, got {step!r}")
+    fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+    st.check_momentum(entry, param, fmt, group["block_size"], label)
+    checked = {st.STEP: step}
+    for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+        if key in entry:
+            checked[key] = entry[key].to(param.device, copy=True)
+    if st.SR_SEED in entry:
+        seed = entry[st.SR_SEED]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"{label}: {st.SR_SEED} must be an int in [0, 2**32), got {seed!r}")
+        checked[st.SR_SEED] = seed
+    if st.stored_format(checked) is None:
+        checked.update(st.new_momentum(param, fmt, group["block_size"]))
+    return checked
+
+
+class Lion8bit(Lion):
+    """Lion with 8-bit blockwise momentum: ``Lion(..., state="8bit")``.
+
+    A drop-in for ``bitsandbytes.optim.Lion8bit`` (``min_8bit_size`` and ``is_paged`` accepted).
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **options):
+        super().__init__(params, lr, betas, weight_decay, state="8bit", **options)
+
+
+class PagedLion8bit(Lion):
+    """Lion8bit with its momentum in CUDA managed memory: ``Lion(..., state="8bit", paged=True)``."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **options):
+        super().__init__(params, lr, betas, weight_decay, state="8bit", paged=True, **options)

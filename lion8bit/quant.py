@@ -1,0 +1,253 @@
+"""Storage rounding for the momentum and the params (DESIGN.md §3).
+
+- The 8-bit blockwise format of bitsandbytes >= 0.44: bitsandbytes' signed "dynamic" codebook of
+  256 fp32 values, blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32
+  absmax per block, nearest rounding (ties toward zero), and no non-zero value stored as zero.
+- Round-to-nearest-even and stochastic rounding to bf16 / fp16, with a counter-based RNG keyed on
+  (seed, step, stream, element index) so every backend draws the same bits.
+
+Everything here is plain PyTorch and defines the bits the fused backends must reproduce.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_SIZE = 256
+ZERO_CODE = 127  # index of 0.0 in the codebook: 127 negative values below it, 128 positive above
+
+_MASK32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook
+
+
+def _build_codebook() -> torch.Tensor:
+    # The signed dynamic map (arXiv 2110.02861 §2; bitsandbytes create_dynamic_map(signed=True)):
+    # decade d = 0..6 covers [0.1, 1] * 10**(d-6) with 2**d codes at the midpoints of an even
+    # split of [0.1, 1]. Each step is done in fp32 exactly as bitsandbytes does it, so the 256
+    # values are bit-identical to its map (tests/test_quant.py checks); computing the midpoints
+    # in float64 instead changes 36 of them by one ulp.
+    positive = []
+    for decade in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**decade + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        positive.append(midpoints * 10.0 ** (decade - 6))
+    magnitudes = torch.cat(positive)  # 127 increasing values, 5.5e-7 ... 0.993
+    return torch.cat([-magnitudes.flip(0), torch.zeros(1), magnitudes, torch.ones(1)])
+
+
+_CODEBOOK = _build_codebook()
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_on(device: torch.device) -> torch.Tensor:
+    return _CODEBOOK.to(device)
+
+
+def codebook(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 256 sorted fp32 code values (shared, do not modify)."""
+    return _codebook_on(torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds_on(device: torch.device) -> torch.Tensor:
+    # Midpoints between neighbouring codes: exact in float64 (sum of two fp32 values, halved).
+    c = _CODEBOOK.double()
+    return ((c[:-1] + c[1:]) / 2).to(device)
+
+
+def decision_thresholds(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 255 float64 midpoints between neighbouring codes; nearest-code boundaries."""
+    return _thresholds_on(torch.device(device) if device is not None else torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit blockwise format
+
+
+def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
+    return -(-numel // block_size)
+
+
+def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(num_blocks, block_size) view of a flat tensor, zero-padded (a copy) if the tail is partial."""
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def nearest_codes(normalized: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8) of values already divided by their block's absmax.
+
+    The nearest code value, ties toward zero. Sign rule: a non-zero value whose nearest code is
+    0.0 gets the smallest code of its own sign (+-5.5e-7) instead, so quantization never erases the
+    sign of a momentum element (fp32 Lion never does either: its momentum of an element with zero
+    gradients keeps its sign and keeps moving the param). bitsandbytes' CUDA kernel applies this
+    rule to negative values only (it tests signbit, and signbit(0.0) is positive); ours is
+    symmetric. Nearest rounding alone can never give a code of the opposite sign, because 0.0 is
+    a code and is always closer.
+    """
+    x = normalized.double()  # exact: every fp32 is a float64, and so is every threshold
+    thresholds = decision_thresholds(x.device)
+    below = torch.searchsorted(thresholds, x, right=False)  # thresholds strictly below x
+    upto = torch.searchsorted(thresholds, x, right=True)  # thresholds at or below x
+    # At a tie x == threshold, "below" picks the lower neighbour and "upto" the upper one;
+    # toward zero is the lower one for x > 0 and the upper one for x < 0.
+    index = torch.where(x > 0, below, upto)
+    index = torch.where((index == ZERO_CODE) & (x > 0), ZERO_CODE + 1, index)
+    index = torch.where((index == ZERO_CODE) & (x < 0), ZERO_CODE - 1, index)
+    return index.to(torch.uint8)
+
+
+def blockwise_absmax(values: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """fp32 max |value| per block of the flattened tensor (the last block may be partial)."""
+    return _as_blocks(values.reshape(-1).float(), block_size).abs().amax(dim=1)
+
+
+def quantize_blockwise(
+    values: torch.Tensor, block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values -> (uint8 codes of the same shape, fp32 absmax per block).
+
+    normalized = value * (1 / absmax), both fp32 operations correctly rounded. An all-zero
+    block has absmax 0 and codes 127 (no 0/0).
+    """
+    flat = values.reshape(-1).float()
+    absmax = blockwise_absmax(flat, block_size)
+    inverse = torch.where(absmax > 0, torch.reciprocal(absmax), torch.zeros_like(absmax))
+    normalized = (_as_blocks(flat, block_size) * inverse[:, None]).reshape(-1)[: flat.numel()]
+    return nearest_codes(normalized).view(values.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    block_size: int = BLOCK_SIZE,
+    code_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 codes + fp32 absmax -> fp32 values (code value * absmax, one fp32 multiply)."""
+    if code_values is None:
+        code_values = codebook(codes.device)
+    flat = code_values[codes.reshape(-1).long()]
+    scaled = _as_blocks(flat, block_size) * absmax.float()[:, None]
+    return scaled.reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# counter-based random bits for stochastic rounding
+
+
+def mix32(x):
+    """A 32-bit integer hash (bijective), for Python ints or int64 tensors holding uint32 values.
+
+    "lowbias32" (C. Wellons, hash-prospector): xorshift-multiply rounds. Multiplications are
+    done mod 2**32 in 16-bit halves so int64 tensors never overflow; a Triton kernel computes the
+    same thing with native uint32 arithmetic.
+    """
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x, constant: int):
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + ((high * (constant & 0xFFFF)) << 16)) & _MASK32
+
+
+# Streams: independent random bits for the two things one step may round stochastically.
+STREAM_PARAM = 0
+STREAM_MOMENTUM = 1
+
+
+def rounding_key(seed: int, step: int, stream: int) -> int:
+    """The per-(tensor, step, stream) key; host-side Python ints, passed to kernels as uint32."""
+    return mix32(mix32((seed ^ mix32(stream + 1)) & _MASK32) ^ (step & _MASK32))
+
+
+def element_key(key: int, index_high: int) -> int:
+    """Key for the elements whose flat index has these upper 32 bits (0 below 2**32 elements)."""
+    return mix32(key ^ (index_high & _MASK32))
+
+
+def random_bits(key: int, numel: int, device, start: int = 0) -> torch.Tensor:
+    """uint32 random bits (held in int64) for flat elements start .. start+numel-1.
+
+    bits(i) = mix32((i mod 2**32) XOR element_key(key, i >> 32)).
+    """
+    index = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    high = index >> 32
+    if numel == 0 or int(high[0]) == int(high[-1]):
+        element = element_key(key, start >> 32)
+    else:
+        element = mix32((key ^ high) & _MASK32)
+    return mix32((index & _MASK32) ^ element)
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding fp32 to bf16 / fp16 storage
+
+
+def _to_int32_bits(unsigned: torch.Tensor) -> torch.Tensor:
+    """int64 holding uint32 -> int32 with the same bits."""
+    return (unsigned - ((unsigned >> 31) << 32)).to(torch.int32)
+
+
+def round_to_bf16(values: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 -> bf16. Nearest-even without ``bits``; stochastic with uint32 ``bits``.
+
+    Stochastic: add the top 16 random bits to the low 16 bits of the fp32 pattern and truncate;
+    rounds away from zero with probability (dropped bits) / 2**16, exactly unbiased.
+    Non-finite values round to nearest.
+    """
+    values = values.float()
+    nearest = values.to(torch.bfloat16)
+    if bits is None:
+        return nearest
+    pattern = values.view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (pattern + (bits >> 16)) & 0xFFFF0000
+    stochastic = _to_int32_bits(rounded).view(torch.float32).to(torch.bfloat16)
+    return torch.where(torch.isfinite(values), stochastic, nearest)
+
+
+def round_to_fp16(values: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 -> fp16. Nearest-even without ``bits``; stochastic with uint32 ``bits``.
+
+    Stochastic: between the two fp16 neighbours lo (toward zero) and hi (away from zero) of x,
+    pick hi iff u < (|x| - |lo|) / (|hi| - |lo|), with u = (bits >> 8) * 2**-24. Both sides of
+    that comparison are exact in fp32. Values that are exact in fp16, or whose nearest fp16 is
+    infinite, round to nearest.
+    """
+    values = values.float()
+    nearest = values.to(torch.float16)
+    if bits is None:
+        return nearest
+    nearest32 = nearest.float()
+    magnitude = values.abs()
+    away = magnitude > nearest32.abs()
+    pattern = nearest.view(torch.int16).to(torch.int32)
+    # fp16 is sign-magnitude: +-1 on the pattern steps the magnitude by one ulp.
+    other = torch.where(away, pattern + 1, pattern - 1).to(torch.int16).view(torch.float16)
+    other32 = other.float()
+    low = torch.minimum(nearest32.abs(), other32.abs())
+    high = torch.maximum(nearest32.abs(), other32.abs())
+    fraction = (magnitude - low) / (high - low)
+    uniform = (bits >> 8).to(torch.float32) * 2.0**-24
+    chosen = torch.where(uniform < fraction, high, low).copysign(values).to(torch.float16)
+    keep_nearest = (nearest32 == values) | ~torch.isfinite(nearest32)
+    return torch.where(keep_nearest, nearest, chosen)
+
+
+def round_to_storage(values: torch.Tensor, dtype: torch.dtype, bits=None) -> torch.Tensor:
+    """Round computed values to a storage dtype; ``bits`` (uint32) makes bf16/fp16 stochastic."""
+    if dtype == torch.bfloat16:
+        return round_to_bf16(values, bits)
+    if dtype == torch.float16:
+        return round_to_fp16(values, bits)
+    return values.to(dtype)

@@ -1,0 +1,153 @@
+"""The Lion update, the spec (DESIGN.md §2), in plain PyTorch.
+
+Every other implementation (the fused CPU path, the Triton kernel) is tested against this file,
+and ``backend="torch"`` runs it. It is written for clarity, one tensor at a time, and defines the
+exact fp32 operation order the fused paths reproduce:
+
+    g  = grad (negated with maximize)
+    c  = beta1*m + (1-beta1)*g            two fp32 products, one fp32 sum (no FMA)
+    u  = sign(c)                          sign(0) = 0
+    cautious (cautious_factor f < 1):     aligned = u*g > 0, counted over the whole tensor;
+                                          step = lr/d where aligned else lr*f/d,
+                                          d = max(mean(where(aligned, 1, f)), 1e-5)
+    weight decay on the old param:        p = p * (1 - lr*wd_eff), where u*p >= 0 if cautious wd
+    p  = p - u*step                       step = lr without caution
+    m  = beta2*m + (1-beta2)*g            then stored: 8-bit codes, bf16 or fp32
+
+Host-side scalars are computed once in float64 (:func:`lion_scalars`) and rounded to the compute
+dtype, identically for every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import quant
+from . import state as st
+
+# Lower bound of the cautious mask's mean (lion-pytorch cautious_lion: clamp(min=1e-5)).
+CAUTIOUS_MEAN_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class LionScalars:
+    """The per-group numbers of one step, as the host computes them (Python floats)."""
+
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    decay: float  # 1 - lr * effective weight decay
+    weight_decay: bool  # any decay at all (decay != 1)
+    cautious_factor: float
+    cautious_weight_decay: bool
+    maximize: bool
+
+    @property
+    def cautious(self) -> bool:
+        return self.cautious_factor < 1.0
+
+
+def lion_scalars(group: dict) -> LionScalars:
+    """Scalars of one step from a param group (lr as it is now, after any scheduler)."""
+    lr = float(group["lr"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    weight_decay = float(group["weight_decay"])
+    if group.get("decoupled_weight_decay", False):
+        # lion-pytorch: wd / init_lr, so lr * wd_eff follows the schedule relative to its start.
+        weight_decay = weight_decay / float(group["initial_lr"])
+    return LionScalars(
+        lr=lr,
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        decay=1.0 - lr * weight_decay,
+        weight_decay=weight_decay != 0.0,
+        cautious_factor=float(group.get("cautious_factor", 1.0)),
+        cautious_weight_decay=bool(group.get("cautious_weight_decay", False)),
+        maximize=bool(group.get("maximize", False)),
+    )
+
+
+def cautious_step_sizes(
+    aligned_count: torch.Tensor, numel: int, lr: float, cautious_factor: float, dtype
+) -> torch.Tensor:
+    """[step where aligned, step where not] from the count of aligned elements, on its device.
+
+    mean = (k + (n - k) * f) / n in float64 (exact count, no summation order), then rounded once
+    to ``dtype``; no host synchronisation.
+    """
+    k = aligned_count.to(torch.float64)
+    mean = (k + (numel - k) * cautious_factor) / max(numel, 1)
+    denominator = torch.clamp(mean, min=CAUTIOUS_MEAN_FLOOR)
+    return torch.stack([lr / denominator, lr * cautious_factor / denominator]).to(dtype)
+
+
+def lion_update(
+    param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, scalars: LionScalars
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lion step on dense tensors of one compute dtype; returns (new param, new momentum)."""
+    s = scalars
+    g = -grad if s.maximize else grad
+    c = momentum * s.beta1 + g * s.one_minus_beta1
+    u = torch.sign(c)
+    if s.cautious:
+        aligned = u * g > 0
+        steps = cautious_step_sizes(
+            aligned.sum(), u.numel(), s.lr, s.cautious_factor, param.dtype
+        )
+        step = torch.where(aligned, steps[0], steps[1])
+        # With f == 0 the masked elements do not move (u = 0 there), which matters for the
+        # cautious weight-decay test u*p >= 0.
+        moving = aligned if s.cautious_factor == 0.0 else torch.ones_like(aligned)
+    else:
+        step = s.lr
+        moving = None
+    p = param
+    if s.weight_decay:
+        decayed = p * s.decay
+        if s.cautious_weight_decay:
+            # arXiv 2510.12402 Alg. 1: decay where u*p >= 0 (lion-pytorch 0.2.5 uses > 0).
+            direction = u if moving is None else torch.where(moving, u, torch.zeros_like(u))
+            decayed = torch.where(direction * p >= 0, decayed, p)
+        p = decayed
+    p = p - u * step
+    new_momentum = momentum * s.beta2 + g * s.one_minus_beta2
+    return p, new_momentum
+
+
+def reference_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    entry: dict,
+    scalars: LionScalars,
+    *,
+    fmt: str,
+    block_size: int,
+    stochastic_rounding: bool,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    """One optimizer step for one tensor, in place on ``param`` and its state ``entry``.
+
+    ``entry`` holds the momentum buffers in format ``fmt`` and ``STEP`` (already incremented for
+    this step, it keys the stochastic rounding together with ``SR_SEED``).
+    """
+    momentum = st.decode_momentum(entry, fmt, block_size, compute_dtype)
+    new_param, new_momentum = lion_update(
+        param.to(compute_dtype), grad.to(compute_dtype), momentum, scalars
+    )
+    param_bits = momentum_bits = None
+    if stochastic_rounding:
+        seed, step = entry[st.SR_SEED], entry[st.STEP]
+        if param.dtype in (torch.bfloat16, torch.float16):
+            key = quant.rounding_key(seed, step, quant.STREAM_PARAM)
+            param_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
+        if fmt == "bf16":
+            key = quant.rounding_key(seed, step, quant.STREAM_MOMENTUM)
+            momentum_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
+    st.encode_momentum(entry, new_momentum.float(), fmt, block_size, momentum_bits)
+    param.copy_(quant.round_to_storage(new_param.float(), param.dtype, param_bits))

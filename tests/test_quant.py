@@ -1,0 +1,225 @@
+"""The 8-bit format and the storage rounding, against independent brute-force definitions."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as hs
+
+from lion8bit import quant
+
+CODES = quant.codebook()
+SIZES_WITH_TAILS = [1, 255, 256, 257, 4095, 4096, 4097, 70_001]
+
+
+def brute_force_codes(normalized: torch.Tensor) -> torch.Tensor:
+    """argmin |x - code| over all 256 codes; ties to the smaller |code|; the sign rule."""
+    x = normalized.double().reshape(-1)
+    values = CODES.double()
+    distance = (x[:, None] - values[None, :]).abs()
+    nearest = distance == distance.min(dim=1, keepdim=True).values
+    magnitude = torch.where(nearest, values.abs()[None, :], torch.tensor(float("inf"), dtype=torch.float64))
+    index = magnitude.argmin(dim=1)
+    index[(index == quant.ZERO_CODE) & (x > 0)] = quant.ZERO_CODE + 1
+    index[(index == quant.ZERO_CODE) & (x < 0)] = quant.ZERO_CODE - 1
+    return index.to(torch.uint8).view(normalized.shape)
+
+
+def brute_force_quantize(values: torch.Tensor, block_size: int):
+    """Block by block in numpy fp32: absmax, x * (1/absmax), brute-force codes."""
+    flat = values.reshape(-1).float().numpy()
+    codes, absmax = [], []
+    for start in range(0, flat.size, block_size):
+        block = flat[start : start + block_size]
+        peak = np.float32(np.abs(block).max())
+        inverse = np.float32(1.0) / peak if peak > 0 else np.float32(0.0)
+        absmax.append(peak)
+        codes.append(brute_force_codes(torch.from_numpy(block * inverse)))
+    return torch.cat(codes).view(values.shape), torch.tensor(np.array(absmax, dtype=np.float32))
+
+
+def test_codebook_is_bitsandbytes_dynamic_map():
+    import bitsandbytes.functional as bnbf
+
+    theirs = bnbf.create_dynamic_map(signed=True)
+    assert CODES.dtype == torch.float32 and CODES.shape == (256,)
+    assert torch.equal(CODES.view(torch.int32), theirs.view(torch.int32))
+
+
+def test_codebook_shape_of_the_format():
+    assert torch.all(CODES[1:] > CODES[:-1]), "sorted, no duplicates"
+    assert CODES[quant.ZERO_CODE] == 0
+    assert CODES[-1] == 1.0 and CODES[0] == pytest.approx(-0.99297, abs=1e-5)
+    assert CODES[quant.ZERO_CODE + 1] == pytest.approx(5.5e-7, rel=1e-6)
+    assert torch.equal(-CODES[: quant.ZERO_CODE].flip(0), CODES[quant.ZERO_CODE + 1 : -1])
+
+
+def _boundary_values() -> torch.Tensor:
+    """Every code, every midpoint representable in fp32, and their fp32 neighbours."""
+    thresholds = quant.decision_thresholds()
+    points = torch.cat([CODES.double(), thresholds]).float()
+    up = torch.nextafter(points, torch.full_like(points, 2.0))
+    down = torch.nextafter(points, torch.full_like(points, -2.0))
+    return torch.cat([points, up, down, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1.0000001, -1.0000001])])
+
+
+def test_nearest_codes_at_every_boundary():
+    values = _boundary_values()
+    assert torch.equal(quant.nearest_codes(values), brute_force_codes(values))
+
+
+def test_exact_ties_round_toward_zero():
+    thresholds = quant.decision_thresholds()
+    representable = thresholds[thresholds.float().double() == thresholds].float()
+    assert representable.numel() > 100, "the test needs real ties"
+    codes = quant.nearest_codes(representable).long()
+    chosen = CODES[codes].double()
+    other = torch.where(representable > 0, CODES[(codes + 1).clamp(max=255)], CODES[(codes - 1).clamp(min=0)]).double()
+    # Exactly halfway, so the chosen code is the smaller magnitude of the two neighbours.
+    nonzero = chosen != 0
+    assert torch.all(chosen[nonzero].abs() < other[nonzero].abs())
+
+
+@given(hs.lists(hs.floats(-1.0, 1.0, width=32), min_size=1, max_size=300))
+def test_nearest_codes_property(values):
+    x = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(quant.nearest_codes(x), brute_force_codes(x))
+
+
+@given(
+    numel=hs.sampled_from(SIZES_WITH_TAILS[:7]),
+    block_size=hs.sampled_from([64, 256, 2048]),
+    scale=hs.sampled_from([1e-30, 1e-7, 1e-3, 1.0, 1e4]),
+    outlier=hs.booleans(),
+    zero_block=hs.booleans(),
+    seed=hs.integers(0, 2**31 - 1),
+)
+def test_quantize_blockwise_equals_brute_force(numel, block_size, scale, outlier, zero_block, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(numel, generator=generator) * scale
+    if outlier:
+        values[numel // 2] = 1e6 * scale
+    if zero_block:
+        values[: min(block_size, numel)] = 0.0
+    codes, absmax = quant.quantize_blockwise(values, block_size)
+    expected_codes, expected_absmax = brute_force_quantize(values, block_size)
+    assert torch.equal(absmax, expected_absmax)
+    assert torch.equal(codes, expected_codes)
+    decoded = quant.dequantize_blockwise(codes, absmax, block_size)
+    assert torch.isfinite(decoded).all()
+    assert torch.equal(torch.sign(decoded), torch.sign(values)), "no sign is flipped or erased"
+
+
+@pytest.mark.parametrize("numel", SIZES_WITH_TAILS)
+def test_round_trip_error_is_within_half_a_code_gap(numel):
+    values = torch.randn(numel) * torch.logspace(-8, 2, numel)
+    codes, absmax = quant.quantize_blockwise(values)
+    assert codes.shape == values.shape and absmax.shape == (quant.num_blocks(numel),)
+    decoded = quant.dequantize_blockwise(codes, absmax)
+    scale = absmax.repeat_interleave(quant.BLOCK_SIZE)[:numel]
+    index = codes.long()
+    gap_up = (CODES[(index + 1).clamp(max=255)] - CODES[index]).abs()
+    gap_down = (CODES[index] - CODES[(index - 1).clamp(min=0)]).abs()
+    # A non-zero value below half the smallest code goes to +-5.5e-7 (sign rule): allow that.
+    bound = torch.maximum(gap_up, gap_down) / 2 * scale * (1 + 1e-6) + 5.6e-7 * scale
+    assert torch.all((decoded - values).abs() <= bound)
+
+
+def test_all_zero_and_tiny_blocks():
+    values = torch.zeros(3 * 256 + 5)
+    values[256] = 1e-38  # a block holding one subnormal-adjacent value
+    values[512:] = -3e-39  # fp32 subnormals
+    codes, absmax = quant.quantize_blockwise(values)
+    assert torch.equal(codes[:256], torch.full((256,), quant.ZERO_CODE, dtype=torch.uint8))
+    assert absmax[0] == 0
+    decoded = quant.dequantize_blockwise(codes, absmax)
+    assert torch.isfinite(decoded).all()
+    assert torch.equal(decoded[:256], torch.zeros(256))
+    assert decoded[256] == pytest.approx(1e-38, rel=1e-6)
+    assert torch.all(decoded[512:] < 0)
+
+
+# -- random bits --------------------------------------------------------------------------------
+
+
+def numpy_mix32(x: np.ndarray) -> np.ndarray:
+    """lowbias32 with numpy's wrapping uint32 arithmetic: an independent implementation."""
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def test_mix32_matches_uint32_arithmetic():
+    inputs = np.concatenate([np.arange(70_000), np.random.default_rng(0).integers(0, 2**32, 70_000)])
+    ours = quant.mix32(torch.from_numpy(inputs.astype(np.int64)))
+    assert np.array_equal(ours.numpy().astype(np.uint32), numpy_mix32(inputs))
+    assert quant.mix32(123456789) == int(numpy_mix32(np.array([123456789]))[0])
+
+
+def test_random_bits_are_a_function_of_key_and_index():
+    key = quant.rounding_key(seed=7, step=3, stream=quant.STREAM_PARAM)
+    whole = quant.random_bits(key, 1000, "cpu")
+    assert torch.equal(whole[300:700], quant.random_bits(key, 400, "cpu", start=300))
+    assert whole.min() >= 0 and whole.max() < 2**32
+    assert len(set(whole.tolist())) == 1000, "a bijection of the index"
+    other_step = quant.random_bits(quant.rounding_key(7, 4, quant.STREAM_PARAM), 1000, "cpu")
+    other_stream = quant.random_bits(quant.rounding_key(7, 3, quant.STREAM_MOMENTUM), 1000, "cpu")
+    assert (whole == other_step).float().mean() < 0.01
+    assert (whole == other_stream).float().mean() < 0.01
+    # Past 2**32 elements the upper index bits enter through the element key.
+    straddle = quant.random_bits(key, 4, "cpu", start=2**32 - 2)
+    low = torch.tensor([2**32 - 2, 2**32 - 1, 0, 1])
+    expected = torch.cat(
+        [quant.mix32(low[:2] ^ quant.element_key(key, 0)), quant.mix32(low[2:] ^ quant.element_key(key, 1))]
+    )
+    assert torch.equal(straddle, expected)
+
+
+# -- rounding to bf16 / fp16 --------------------------------------------------------------------
+
+
+def _neighbours(values: torch.Tensor, dtype: torch.dtype):
+    """(toward zero, away from zero) representable neighbours, via float64 nextafter on the grid."""
+    nearest = values.to(dtype)
+    toward = torch.where(nearest.double().abs() > values.double().abs(), torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    away = torch.nextafter(toward, toward.double().sign().to(dtype) * torch.tensor(float("inf"), dtype=dtype))
+    away = torch.where(toward == 0, torch.nextafter(toward, values.sign().to(dtype)), away)
+    return toward, away
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nearest_rounding_is_torchs(dtype):
+    values = torch.randn(10_000) * torch.logspace(-9, 4, 10_000)
+    assert torch.equal(quant.round_to_storage(values, dtype), values.to(dtype))
+
+
+# One value per case; (dtype, number of equally spaced bit patterns that cover every outcome).
+_EXHAUSTIVE = [(torch.bfloat16, 16, 16), (torch.float16, 8, 13)]
+
+
+@pytest.mark.parametrize("dtype, shift, resolution", _EXHAUSTIVE, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("value", [1.0 + 2**-20, -3.14159265, 1e-3 + 1e-9, -7.1e-6, 1234.5678, 6.1e-5 * 0.37])
+def test_stochastic_rounding_is_exactly_unbiased(dtype, shift, resolution, value):
+    """Over a full period of the random bits that matter, the mean equals the value exactly."""
+    steps = 2**resolution
+    bits = torch.arange(steps, dtype=torch.int64) << (32 - resolution)
+    values = torch.full((steps,), value, dtype=torch.float32)
+    rounded = quant.round_to_storage(values, dtype, bits)
+    toward, away = _neighbours(values[:1], dtype)
+    assert set(rounded.double().unique().tolist()) <= {toward.double().item(), away.double().item()}
+    mean = rounded.double().mean().item()
+    assert mean == pytest.approx(float(np.float32(value)), rel=0, abs=abs(away.double().item() - toward.double().item()) / steps * 1.0001)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_keeps_exact_and_nonfinite_values(dtype):
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), float("nan")])
+    bits = torch.full((values.numel(),), 0xFFFFFFFF, dtype=torch.int64)
+    rounded = quant.round_to_storage(values, dtype, bits)
+    assert torch.equal(rounded[:6], values[:6].to(dtype))
+    assert torch.isnan(rounded[6])
