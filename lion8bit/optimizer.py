@@ -11,13 +11,20 @@ import math
 import warnings
 from collections import defaultdict
 from itertools import chain
+from typing import Callable
 
 import torch
 from torch.optim import Optimizer
 
 from . import kernels, quant
 from . import state as st
-from .reference import LionScalars, lion_scalars, reference_step
+from .reference import (
+    LionScalars,
+    cautious_step_sizes,
+    lion_scalars,
+    reference_aligned_count,
+    reference_step,
+)
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,6 +126,22 @@ def _param_label(group_index: int, position: int, group: dict, param: torch.Tens
     return f"param_groups[{group_index}]['params'][{position}]{name} of shape {tuple(param.shape)}"
 
 
+def torch_aligned_counts(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    entries: list[dict],
+    formats: list[str],
+    *,
+    scalars: LionScalars,
+    block_size: int,
+) -> list[torch.Tensor]:
+    """backend="torch": the cautious pre-pass of the reference, one tensor at a time."""
+    return [
+        reference_aligned_count(grad, entry, scalars, fmt=fmt, block_size=block_size)
+        for grad, entry, fmt in zip(grads, entries, formats)
+    ]
+
+
 def torch_lion_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -128,9 +151,10 @@ def torch_lion_step(
     scalars: LionScalars,
     block_size: int,
     stochastic_rounding: bool,
+    cautious_steps: list[torch.Tensor] | None,
 ) -> None:
     """backend="torch": the reference, one tensor at a time, in fp32."""
-    for param, grad, entry, fmt in zip(params, grads, entries, formats):
+    for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
         reference_step(
             param,
             grad,
@@ -139,7 +163,11 @@ def torch_lion_step(
             fmt=fmt,
             block_size=block_size,
             stochastic_rounding=stochastic_rounding,
+            cautious_steps=None if cautious_steps is None else cautious_steps[index],
         )
+
+
+TORCH_BACKEND = kernels.Backend(torch_aligned_counts, torch_lion_step)
 
 
 def _resolve_backend(requested: str, device: torch.device) -> str:
@@ -152,8 +180,52 @@ def _resolve_backend(requested: str, device: torch.device) -> str:
     return "torch"
 
 
-def _step_function(backend: str):
-    return torch_lion_step if backend == "torch" else kernels.load(backend)
+def _implementation(backend: str) -> kernels.Backend:
+    return TORCH_BACKEND if backend == "torch" else kernels.load(backend)
+
+
+def lion(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    entries: list[dict],
+    formats: list[str],
+    *,
+    scalars: LionScalars,
+    block_size: int,
+    stochastic_rounding: bool,
+    backend: str,
+    numels: list[int] | None = None,
+    reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+) -> None:
+    """Functional Lion: one step for tensors that share a group's options and a backend.
+
+    With caution, the aligned counts of each tensor are taken first; ``reduce_counts`` (for
+    sharded params) turns local counts into whole-parameter counts, and ``numels`` gives the
+    whole parameters' sizes (default: the tensors' own).
+    """
+    implementation = _implementation(backend)
+    cautious_steps = None
+    if scalars.cautious:
+        counts = implementation.aligned_counts(
+            params, grads, entries, formats, scalars=scalars, block_size=block_size
+        )
+        if reduce_counts is not None:
+            counts = reduce_counts(counts)
+        sizes = numels if numels is not None else [p.numel() for p in params]
+        cautious_steps = [
+            cautious_step_sizes(count, size, scalars.lr, scalars.cautious_factor, torch.float32)
+            for count, size in zip(counts, sizes)
+        ]
+    implementation.lion_step(
+        params,
+        grads,
+        entries,
+        formats,
+        scalars=scalars,
+        block_size=block_size,
+        stochastic_rounding=stochastic_rounding,
+        cautious_steps=cautious_steps,
+    )
 
 
 class Lion(Optimizer):
@@ -342,7 +414,7 @@ class Lion(Optimizer):
                 continue
             scalars = lion_scalars(group)
             for backend, (params, grads, entries, formats) in buckets.items():
-                _step_function(backend)(
+                lion(
                     params,
                     grads,
                     entries,
@@ -350,6 +422,7 @@ class Lion(Optimizer):
                     scalars=scalars,
                     block_size=group["block_size"],
                     stochastic_rounding=group["stochastic_rounding"],
+                    backend=backend,
                 )
         return loss
 

@@ -74,33 +74,50 @@ def lion_scalars(group: dict) -> LionScalars:
 
 
 def cautious_step_sizes(
-    aligned_count: torch.Tensor, numel: int, lr: float, cautious_factor: float, dtype
+    aligned_counts: torch.Tensor, numels, lr: float, cautious_factor: float, dtype
 ) -> torch.Tensor:
-    """[step where aligned, step where not] from the count of aligned elements, on its device.
+    """[..., 2] = [step where aligned, step where not] from counts of aligned elements.
 
-    mean = (k + (n - k) * f) / n in float64 (exact count, no summation order), then rounded once
-    to ``dtype``; no host synchronisation.
+    ``aligned_counts`` (any shape, on any device) and ``numels`` (same shape, or a number) count
+    over whole tensors. mean = (k + (n - k) * f) / n in float64 (an exact count, no summation
+    order), floored at 1e-5, then each step is rounded once to ``dtype``. Device ops only: no
+    host synchronisation.
     """
-    k = aligned_count.to(torch.float64)
-    mean = (k + (numel - k) * cautious_factor) / max(numel, 1)
+    k = aligned_counts.to(torch.float64)
+    n = torch.as_tensor(numels, dtype=torch.float64, device=k.device).clamp(min=1)
+    mean = (k + (n - k) * cautious_factor) / n
     denominator = torch.clamp(mean, min=CAUTIOUS_MEAN_FLOOR)
-    return torch.stack([lr / denominator, lr * cautious_factor / denominator]).to(dtype)
+    return torch.stack([lr / denominator, lr * cautious_factor / denominator], dim=-1).to(dtype)
+
+
+def update_direction(grad: torch.Tensor, momentum: torch.Tensor, scalars: LionScalars):
+    """(g, u): the gradient as the update sees it (negated with maximize), u = sign(c)."""
+    g = -grad if scalars.maximize else grad
+    c = momentum * scalars.beta1 + g * scalars.one_minus_beta1
+    return g, torch.sign(c)
 
 
 def lion_update(
-    param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, scalars: LionScalars
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum: torch.Tensor,
+    scalars: LionScalars,
+    cautious_steps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Lion step on dense tensors of one compute dtype; returns (new param, new momentum)."""
+    """One Lion step on dense tensors of one compute dtype; returns (new param, new momentum).
+
+    With caution, ``cautious_steps`` ([2], from :func:`cautious_step_sizes`) may carry counts
+    made over more than this tensor (a shard's whole parameter); by default they come from it.
+    """
     s = scalars
-    g = -grad if s.maximize else grad
-    c = momentum * s.beta1 + g * s.one_minus_beta1
-    u = torch.sign(c)
+    g, u = update_direction(grad, momentum, s)
     if s.cautious:
         aligned = u * g > 0
-        steps = cautious_step_sizes(
-            aligned.sum(), u.numel(), s.lr, s.cautious_factor, param.dtype
-        )
-        step = torch.where(aligned, steps[0], steps[1])
+        if cautious_steps is None:
+            cautious_steps = cautious_step_sizes(
+                aligned.sum(), u.numel(), s.lr, s.cautious_factor, param.dtype
+            )
+        step = torch.where(aligned, cautious_steps[0], cautious_steps[1])
         # With f == 0 the masked elements do not move (u = 0 there), which matters for the
         # cautious weight-decay test u*p >= 0.
         moving = aligned if s.cautious_factor == 0.0 else torch.ones_like(aligned)
@@ -120,6 +137,24 @@ def lion_update(
     return p, new_momentum
 
 
+def reference_aligned_count(
+    grad: torch.Tensor,
+    entry: dict,
+    scalars: LionScalars,
+    *,
+    fmt: str,
+    block_size: int,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Elements of one tensor whose update agrees in sign with the gradient (int64, 0-dim).
+
+    The cautious mean's pre-pass: it reads only the old momentum and the gradient.
+    """
+    momentum = st.decode_momentum(entry, fmt, block_size, compute_dtype)
+    g, u = update_direction(grad.to(compute_dtype), momentum, scalars)
+    return (u * g > 0).sum()
+
+
 def reference_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -129,6 +164,7 @@ def reference_step(
     fmt: str,
     block_size: int,
     stochastic_rounding: bool,
+    cautious_steps: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
     """One optimizer step for one tensor, in place on ``param`` and its state ``entry``.
@@ -138,7 +174,7 @@ def reference_step(
     """
     momentum = st.decode_momentum(entry, fmt, block_size, compute_dtype)
     new_param, new_momentum = lion_update(
-        param.to(compute_dtype), grad.to(compute_dtype), momentum, scalars
+        param.to(compute_dtype), grad.to(compute_dtype), momentum, scalars, cautious_steps
     )
     param_bits = momentum_bits = None
     if stochastic_rounding:

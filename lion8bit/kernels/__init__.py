@@ -1,17 +1,35 @@
-"""Fused implementations of :func:`lion8bit.reference.reference_step`, one module per device family.
+"""Fused implementations of the reference step, one module per device family.
 
-Every implementation has the signature of :func:`lion8bit.optimizer.torch_lion_step`:
-``(params, grads, entries, formats, *, scalars, block_size, stochastic_rounding) -> None``,
-updating params and state entries in place, with each entry's ``step`` already incremented.
-Modules are imported lazily so that ``import lion8bit`` works without Triton installed.
+A backend is a pair of functions with the signatures of the reference backend in
+:mod:`lion8bit.optimizer` (:func:`~lion8bit.optimizer.torch_aligned_counts`,
+:func:`~lion8bit.optimizer.torch_lion_step`):
+
+- ``aligned_counts(params, grads, entries, formats, *, scalars, block_size) -> list[Tensor]``:
+  per tensor, the int64 0-dim count of elements whose update sign agrees with the gradient (the
+  cautious pre-pass; reads the old momentum and the grad only). Called only with caution on.
+- ``lion_step(params, grads, entries, formats, *, scalars, block_size, stochastic_rounding,
+  cautious_steps) -> None``: the whole update, in place on params and state entries; each
+  entry's ``step`` is already incremented; ``cautious_steps`` is a list of [2] fp32 tensors (the
+  step sizes where aligned / not) or None without caution.
+
+Modules are imported lazily, so ``import lion8bit`` works without Triton installed.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
+from typing import Callable, NamedTuple
 
-_MODULES = {"triton": ("triton_lion", "triton_lion_step"), "cpu": ("cpu_lion", "cpu_lion_step")}
+# backend -> (module in this package, prefix of its two functions)
+_MODULES = {"triton": ("triton_lion", "triton"), "cpu": ("cpu_lion", "cpu")}
+
+
+class Backend(NamedTuple):
+    aligned_counts: Callable
+    lion_step: Callable
 
 
 def interpreting() -> bool:
@@ -19,9 +37,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def load(backend: str):
-    """The step function of a fused backend; RuntimeError saying why if it cannot be used."""
-    module_name, function_name = _MODULES[backend]
+@functools.lru_cache(maxsize=None)
+def load(backend: str) -> Backend:
+    """The functions of a fused backend; RuntimeError saying why if it cannot be used."""
+    module_name, prefix = _MODULES[backend]
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         raise RuntimeError(
             'backend="triton" needs the triton package (pip install triton); '
@@ -33,9 +52,10 @@ def load(backend: str):
         if error.name != f"{__name__}.{module_name}":
             raise
         raise RuntimeError(f"backend={backend!r} is not available in this build") from None
-    return getattr(module, function_name)
+    return Backend(getattr(module, f"{prefix}_aligned_counts"), getattr(module, f"{prefix}_lion_step"))
 
 
+@functools.lru_cache(maxsize=None)
 def available(backend: str) -> bool:
     try:
         load(backend)
