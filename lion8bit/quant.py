@@ -182,11 +182,10 @@ def random_bits(key: int, numel: int, device, start: int = 0) -> torch.Tensor:
     bits(i) = mix32((i mod 2**32) XOR element_key(key, i >> 32)).
     """
     index = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    high = index >> 32
-    if numel == 0 or int(high[0]) == int(high[-1]):
+    if numel == 0 or start >> 32 == (start + numel - 1) >> 32:  # host ints: no device sync
         element = element_key(key, start >> 32)
     else:
-        element = mix32((key ^ high) & _MASK32)
+        element = mix32((key ^ (index >> 32)) & _MASK32)
     return mix32((index & _MASK32) ^ element)
 
 
