@@ -247,8 +247,8 @@ class Lion(Optimizer):
         cautious_factor: 1.0 = off; below 1 scales updates whose sign disagrees with the gradient
             by this factor and renormalises (lion-pytorch ``cautious_lion``; 0.0 = full mask).
         cautious_weight_decay: decay only where ``update * param >= 0`` (arXiv 2510.12402).
-        decoupled_weight_decay: use ``weight_decay / initial_lr`` (lion-pytorch's option); the
-            initial lr is kept in the group as ``initial_lr``.
+        decoupled_weight_decay: use ``weight_decay / decoupled_initial_lr`` (lion-pytorch's
+            option), the group's lr at construction, kept in the group under that key.
         stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
             reproducible (keyed on a per-param seed, the step and the element index).
         paged: keep the momentum in CUDA managed memory (GPU only; warns and ignores on CPU).
@@ -329,15 +329,16 @@ class Lion(Optimizer):
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
-        # The lr at construction, for decoupled weight decay; LR schedulers use the same key.
-        group.setdefault("initial_lr", float(group["lr"]))
+        # The lr at construction, for decoupled weight decay. A key of our own: LR schedulers
+        # own "initial_lr" and some rewrite it (OneCycleLR sets max_lr / div_factor).
+        group.setdefault("decoupled_initial_lr", float(group["lr"]))
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for name, default in DEFAULTS.items():
                 group.setdefault(name, default)
-            group.setdefault("initial_lr", float(group["lr"]))
+            group.setdefault("decoupled_initial_lr", float(group["lr"]))
         self.__dict__.setdefault("_paged_warned", False)
 
     # -- state ---------------------------------------------------------------------------------
@@ -489,7 +490,7 @@ class Lion(Optimizer):
             merged = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
             for name, default in DEFAULTS.items():
                 merged.setdefault(name, default)
-            merged.setdefault("initial_lr", float(merged["lr"]))
+            merged.setdefault("decoupled_initial_lr", float(merged["lr"]))
             merged["betas"] = tuple(merged["betas"])
             check_group_options(merged, f"loaded param_groups[{group_index}]")
             for name in _FORMAT_OPTIONS:

@@ -57,8 +57,9 @@ def lion_scalars(group: dict) -> LionScalars:
     beta1, beta2 = (float(b) for b in group["betas"])
     weight_decay = float(group["weight_decay"])
     if group.get("decoupled_weight_decay", False):
-        # lion-pytorch: wd / init_lr, so lr * wd_eff follows the schedule relative to its start.
-        weight_decay = weight_decay / float(group["initial_lr"])
+        # lion-pytorch: wd / the lr given at construction, so lr * wd_eff follows the schedule
+        # relative to it. Not the LR schedulers' "initial_lr": OneCycleLR rewrites that one.
+        weight_decay = weight_decay / float(group["decoupled_initial_lr"])
     return LionScalars(
         lr=lr,
         beta1=beta1,

@@ -177,11 +177,15 @@ def test_changing_a_groups_state_kind_reencodes_the_momentum():
     assert torch.equal(optimizer.state[p][st.MOMENTUM], expected)
 
 
-def test_initial_lr_is_kept_for_decoupled_decay_and_schedulers():
+def test_decoupled_decay_divides_by_the_lr_at_construction_whatever_the_scheduler():
     p = param(80, 80)
     optimizer = Lion([p], lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    assert optimizer.param_groups[0]["initial_lr"] == 1e-3
+    assert optimizer.param_groups[0]["decoupled_initial_lr"] == 1e-3
+    one_cycle = Lion([param(3)], lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)
+    torch.optim.lr_scheduler.OneCycleLR(one_cycle, max_lr=2e-3, total_steps=5)
+    assert one_cycle.param_groups[0]["initial_lr"] == 2e-3 / 25, "the scheduler's key, rewritten"
+    assert one_cycle.param_groups[0]["decoupled_initial_lr"] == 1e-3, "ours, kept"
     optimizer.step()
     scheduler.step()
     before = p.detach().clone()
@@ -196,8 +200,8 @@ def test_setstate_fills_defaults_for_old_checkpoints():
     optimizer = Lion([param(3)])
     state = optimizer.__getstate__()
     for group in state["param_groups"]:
-        del group["cautious_factor"], group["initial_lr"]
+        del group["cautious_factor"], group["decoupled_initial_lr"]
     restored = Lion.__new__(Lion)
     restored.__setstate__(state)
     assert restored.param_groups[0]["cautious_factor"] == 1.0
-    assert restored.param_groups[0]["initial_lr"] == restored.param_groups[0]["lr"]
+    assert restored.param_groups[0]["decoupled_initial_lr"] == restored.param_groups[0]["lr"]

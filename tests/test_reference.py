@@ -65,7 +65,7 @@ def test_reference_matches_independent_float64_loop(cautious_factor, cautious_wd
     m = torch.zeros_like(p)
     for g, lr in zip(grads, lrs):
         group = dict(
-            lr=lr, betas=betas, weight_decay=weight_decay, initial_lr=lrs[0],
+            lr=lr, betas=betas, weight_decay=weight_decay, decoupled_initial_lr=lrs[0],
             decoupled_weight_decay=decoupled, cautious_factor=cautious_factor,
             cautious_weight_decay=cautious_wd, maximize=maximize,
         )
