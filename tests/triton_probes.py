@@ -1,0 +1,77 @@
+"""Kernels that run one helper of lion8bit/kernels/triton_lion.py alone, for exhaustive tests.
+
+Imported by tests/test_triton_kernel.py after it has imported triton_lion under
+TRITON_INTERPRET=1 (triton reads the variable in @triton.jit), so these run in the interpreter too.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lion8bit.kernels import triton_lion
+
+_nearest_codes = triton_lion._nearest_codes
+_random_bits = triton_lion._random_bits
+_round_to_bf16 = triton_lion._round_to_bf16
+_round_to_fp16 = triton_lion._round_to_fp16
+
+BLOCK = 1024
+
+
+@triton.jit
+def _nearest_codes_kernel(normalized_ptr, requant_table_ptr, codes_ptr, numel, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    normalized = tl.load(normalized_ptr + offsets, mask=mask, other=0.0)
+    tl.store(codes_ptr + offsets, _nearest_codes(normalized, requant_table_ptr), mask=mask)
+
+
+@triton.jit
+def _random_bits_kernel(bits_ptr, key, start, numel, BLOCK: tl.constexpr):
+    tile_start = start + tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = tile_start + tl.arange(0, BLOCK)
+    bits = _random_bits(key, offsets, tile_start)
+    tl.store(bits_ptr + offsets - start, bits.to(tl.int64), mask=offsets - start < numel)
+
+
+@triton.jit
+def _round_kernel(
+    values_ptr, bits_ptr, bf16_ptr, fp16_ptr, numel, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr
+):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    values = tl.load(values_ptr + offsets, mask=mask, other=0.0)
+    bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.uint32)
+    tl.store(bf16_ptr + offsets, _round_to_bf16(values, bits, STOCHASTIC), mask=mask)
+    tl.store(fp16_ptr + offsets, _round_to_fp16(values, bits, STOCHASTIC), mask=mask)
+
+
+def nearest_codes(normalized: torch.Tensor) -> torch.Tensor:
+    codes = torch.empty(normalized.shape, dtype=torch.uint8)
+    table = triton_lion._tables_on(normalized.device)[1]
+    _nearest_codes_kernel[(triton.cdiv(normalized.numel(), BLOCK),)](
+        normalized, table, codes, normalized.numel(), BLOCK=BLOCK
+    )
+    return codes
+
+
+def random_bits(key: int, numel: int, start: int) -> torch.Tensor:
+    """Like quant.random_bits(key, numel, "cpu", start); start must be a multiple of BLOCK."""
+    bits = torch.empty(numel, dtype=torch.int64)
+    _random_bits_kernel[(triton.cdiv(numel, BLOCK),)](
+        bits, triton_lion._int32_bits(key), start, numel, BLOCK=BLOCK
+    )
+    return bits
+
+
+def round_to_16_bits(values: torch.Tensor, bits: torch.Tensor | None):
+    """(bf16, fp16) roundings of fp32 ``values``; stochastic with uint32 ``bits`` (int64 tensor)."""
+    bf16 = torch.empty(values.shape, dtype=torch.bfloat16)
+    fp16 = torch.empty(values.shape, dtype=torch.float16)
+    stochastic = bits is not None
+    if bits is None:
+        bits = torch.zeros(values.shape, dtype=torch.int64)
+    _round_kernel[(triton.cdiv(values.numel(), BLOCK),)](
+        values, bits, bf16, fp16, values.numel(), STOCHASTIC=stochastic, BLOCK=BLOCK
+    )
+    return bf16, fp16
