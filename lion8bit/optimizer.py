@@ -228,7 +228,7 @@ def lion(
     )
 
 
-def _is_zero(lr) -> bool:
+def _lr_is_zero(lr) -> bool:
     # A step with lr 0 on a state this step created moves no param and, with a zero grad, leaves
     # the momentum zero: it is how torch.distributed.checkpoint (torch 2.13, _init_optim_state)
     # creates the state before saving or loading. It is not counted, so such a call cannot
@@ -274,9 +274,14 @@ class Lion(Optimizer):
             initial lr is kept in the group as ``initial_lr``.
         stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
             reproducible (keyed on a per-param seed, the step and the element index).
-        paged: keep the momentum in CUDA managed memory (GPU only; warns and ignores on CPU).
+        paged: keep the momentum of tensors of at least ``lion8bit.paged.MIN_NUMEL`` elements in
+            CUDA managed memory, prefetched before each update (GPU only; needs bitsandbytes'
+            CUDA library; warns and uses ordinary memory on CPU).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
         maximize: maximize the objective instead of minimizing.
+
+    DTensor params (FSDP2's ``fully_shard``, placed with Shard / Replicate) are stepped through
+    their local shards, with state for the local shard only; see :mod:`lion8bit.sharded`.
 
     Also accepted, so code written for lion-pytorch or bitsandbytes runs unchanged:
     ``use_triton`` (True means ``backend="triton"``), ``cautious_wd``, ``optim_bits`` (8 or 32)
@@ -440,7 +445,7 @@ class Lion(Optimizer):
                 entry, fmt = self._prepare(
                     param, group, index, lambda: _param_label(group_index, position, group, param)
                 )
-                if not (fresh and _is_zero(group["lr"])):
+                if not (fresh and _lr_is_zero(group["lr"])):
                     entry[st.STEP] += 1
                 local_param = sharded.local(param)
                 backend = _resolve_backend(group["backend"], local_param.device)
@@ -464,7 +469,7 @@ class Lion(Optimizer):
                     stochastic_rounding=group["stochastic_rounding"],
                     backend=backend,
                     numels=[param.numel() for param in bucket.params],
-                    reduce_counts=sharded.count_reducer(bucket.params),
+                    reduce_counts=sharded.count_reducer(bucket.params) if scalars.cautious else None,
                 )
         return loss
 

@@ -59,7 +59,7 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     with torch.cuda.device(device):
         error = runtime.malloc_managed(ct.byref(pointer), nbytes, _ATTACH_HOST)
     if error:
-        raise torch.OutOfMemoryError(
+        raise torch.cuda.OutOfMemoryError(
             f"paged state: cudaMallocManaged of {nbytes} bytes failed: {runtime.error_string(error)}"
         )
     buffer = _ManagedBuffer(pointer.value, nbytes, runtime)
@@ -94,17 +94,19 @@ class _ManagedBuffer:
 
     def __init__(self, pointer: int, nbytes: int, runtime):
         self.pointer, self.nbytes, self._runtime = pointer, nbytes, runtime
+        self._live = _live  # still reachable in __del__ at interpreter exit
         _live[pointer] = nbytes
         self.__cuda_array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
             "data": (pointer, False),
+            "strides": None,  # C-contiguous
             "version": 2,
         }
 
     def __del__(self):
         # cudaFree waits for the device, so no kernel still uses the buffer.
-        if _live.pop(self.pointer, None) is not None:
+        if self._live.pop(self.pointer, None) is not None:
             self._runtime.free(self.pointer)
 
 
