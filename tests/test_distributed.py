@@ -172,13 +172,13 @@ def _fsdp_trajectories(rank, world_size, configs, steps):
         options = {**OPTIONS, **config}
         optimizer, reference = Lion(model.parameters(), **options), Lion(unsharded.parameters(), **options)
         all_reduces = []
-        original = sharded.dist.all_reduce
+        original = dist.all_reduce
 
         def counting_all_reduce(*args, **kwargs):
             all_reduces.append(1)
             return original(*args, **kwargs)
 
-        sharded.dist.all_reduce = counting_all_reduce
+        dist.all_reduce = counting_all_reduce
         try:
             for step in range(steps):
                 model(batch(step, rank)).square().mean().backward()
@@ -189,7 +189,7 @@ def _fsdp_trajectories(rank, world_size, configs, steps):
                 optimizer.zero_grad()
                 reference.zero_grad()
         finally:
-            sharded.dist.all_reduce = original
+            dist.all_reduce = original
         names = [name for name, _ in model.named_parameters()]
         report = {
             "config": config,
