@@ -120,15 +120,17 @@ class Net(torch.nn.Module):
         return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
 
 
-def make_fsdp_model(seed=0):
+def make_fsdp_model(seed=0, mesh=None):
+    """The Net sharded per layer (mesh None: FSDP over all ranks; a 2-D mesh: HSDP), and an
+    unsharded copy."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
     model = Net()
     unsharded = copy.deepcopy(model)
     for layer in (model.inp, model.mid, model.out):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, unsharded
 
 
@@ -162,40 +164,50 @@ def state_bytes(optimizer, local=True) -> int:
 # -- FSDP2 -------------------------------------------------------------------------------------
 
 
-def _fsdp_trajectories(rank, world_size, configs, steps):
+def _fsdp_trajectories(rank, world_size, configs, steps, mesh_shape=None):
     """Per config: the FSDP2 optimizer and an unsharded one fed the same (gathered) grads."""
+    import hashlib
+
+    from torch.distributed.device_mesh import init_device_mesh
+
     from lion8bit import sharded
 
+    mesh = None if mesh_shape is None else init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
     reports = []
     for config in configs:
-        model, unsharded = make_fsdp_model()
+        model, unsharded = make_fsdp_model(mesh=mesh)
         options = {**OPTIONS, **config}
         optimizer, reference = Lion(model.parameters(), **options), Lion(unsharded.parameters(), **options)
-        all_reduces = []
+        all_reduces = []  # (group size) of each all-reduce inside optimizer.step()
         original = dist.all_reduce
 
-        def counting_all_reduce(*args, **kwargs):
-            all_reduces.append(1)
-            return original(*args, **kwargs)
+        def counting_all_reduce(tensor, *args, group=None, **kwargs):
+            all_reduces.append(dist.get_world_size(group))
+            return original(tensor, *args, group=group, **kwargs)
 
-        dist.all_reduce = counting_all_reduce
-        try:
-            for step in range(steps):
-                model(batch(step, rank)).square().mean().backward()
-                for param, twin in zip(model.parameters(), unsharded.parameters()):
-                    twin.grad = param.grad.full_tensor()
+        for step in range(steps):
+            model(batch(step, rank)).square().mean().backward()
+            for param, twin in zip(model.parameters(), unsharded.parameters()):
+                twin.grad = param.grad.full_tensor()
+            dist.all_reduce = counting_all_reduce
+            try:
                 optimizer.step()
-                reference.step()
-                optimizer.zero_grad()
-                reference.zero_grad()
-        finally:
-            dist.all_reduce = original
+            finally:
+                dist.all_reduce = original
+            reference.step()
+            optimizer.zero_grad()
+            reference.zero_grad()
         names = [name for name, _ in model.named_parameters()]
         report = {
             "config": config,
             "all_reduces_per_step": len(all_reduces) / steps,
+            "all_reduce_group_sizes": sorted(set(all_reduces)),
             "max_diff": {}, "mean_diff": {}, "moved": {},
             "state_bytes_local": state_bytes(optimizer),
+            "shard": sharded.shard_index(next(model.parameters())),
+            "local_digest": hashlib.sha256(
+                b"".join(sharded.local(p.detach()).numpy().tobytes() for p in model.parameters())
+            ).hexdigest(),
             "state_bytes_unsharded": state_bytes(reference),
             "shard_seeds": [
                 sharded.local_entry(param, optimizer.state[param], options.get("block_size", 256)).get(st.SR_SEED)
@@ -580,10 +592,44 @@ def _load_on_other_world_size(rank, world_size, root):
     return reports
 
 
-def test_loading_on_another_world_size_reshards_dense_state_and_refuses_8bit(tmp_path):
-    spawn(_save_for_resharding, 2, tmp_path, root=str(tmp_path))
-    reports = spawn(_load_on_other_world_size, 4, tmp_path, root=str(tmp_path))
-    for rank_report in reports:
+HSDP_CONFIGS = [dict(state=kind, cautious_factor=0.3) for kind in ("8bit", "fp32")]
+
+
+def _four_ranks(rank, world_size, root):
+    return {
+        "reshard": _load_on_other_world_size(rank, world_size, root),
+        "hsdp": _fsdp_trajectories(rank, world_size, HSDP_CONFIGS, steps=10, mesh_shape=(2, 2)),
+    }
+
+
+@pytest.fixture(scope="module")
+def four_rank_reports(tmp_path_factory):
+    """One job saves on 2 ranks; one job on 4 ranks loads it, and trains HSDP on a 2x2 mesh."""
+    root = tmp_path_factory.mktemp("four")
+    spawn(_save_for_resharding, 2, root, root=str(root))
+    return spawn(_four_ranks, 4, root, root=str(root))
+
+
+@pytest.mark.parametrize("index", range(len(HSDP_CONFIGS)), ids=[str(c) for c in HSDP_CONFIGS])
+def test_hsdp_reduces_counts_over_the_shard_dim_and_keeps_replicas_identical(four_rank_reports, index):
+    reports = [r["hsdp"][index] for r in four_rank_reports]
+    for report in reports:
+        assert report["all_reduces_per_step"] == 1
+        assert report["all_reduce_group_sizes"] == [2]  # the shard group, not all 4 ranks
+        for name in report["max_diff"]:
+            # 2 shards per replica, as FSDP on 2 ranks: Net.ALIGNED_8BIT are exact, the rest close
+            if _exact(report["config"], name):
+                assert report["max_diff"][name] == 0.0, (name, report)
+            else:
+                assert report["mean_diff"][name] <= MAX_MEAN_DIFF_OVER_MOVED * report["moved"][name]
+    # ranks 0, 2 and 1, 3 hold the same shard in two replicas
+    assert [r["shard"] for r in reports] == [0, 1, 0, 1]
+    assert reports[0]["local_digest"] == reports[2]["local_digest"] != reports[1]["local_digest"]
+    assert reports[1]["local_digest"] == reports[3]["local_digest"]
+
+
+def test_loading_on_another_world_size_reshards_dense_state_and_refuses_8bit(four_rank_reports):
+    for rank_report in (r["reshard"] for r in four_rank_reports):
         for kind in ("bf16", "fp32"):  # elementwise state: resharded exactly
             assert rank_report[kind] == {"dcp": {"differing": []}, "full state dict": {"differing": []}}
         eight_bit = rank_report["8bit"]
