@@ -250,6 +250,14 @@ class _Bucket:
         self.entries.append(entry)
         self.formats.append(fmt)
 
+    def singles(self) -> list["_Bucket"]:
+        """One bucket per tensor, in order."""
+        parts = []
+        for row in zip(self.params, self.local_params, self.grads, self.entries, self.formats):
+            parts.append(_Bucket())
+            parts[-1].add(*row)
+        return parts
+
 
 class Lion(Optimizer):
     r"""Lion (Chen et al. 2023, arXiv 2302.06675) with its momentum stored in 8 bits, bf16 or fp32.
@@ -457,20 +465,25 @@ class Lion(Optimizer):
                 continue
             scalars = lion_scalars(group)
             for backend, bucket in buckets.items():
-                if group["paged"]:
-                    paged.prefetch(bucket.entries)
-                lion(
-                    bucket.local_params,
-                    bucket.grads,
-                    bucket.entries,
-                    bucket.formats,
-                    scalars=scalars,
-                    block_size=group["block_size"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    backend=backend,
-                    numels=[param.numel() for param in bucket.params],
-                    reduce_counts=sharded.count_reducer(bucket.params) if scalars.cautious else None,
-                )
+                # Paged state: one tensor at a time, each prefetched (asynchronously, on the
+                # current stream) just before its own update, so only the tensor being updated
+                # has to fit on the GPU, as with bitsandbytes.
+                paging = group["paged"] and paged.any_paged(bucket.entries)
+                for part in bucket.singles() if paging else (bucket,):
+                    if paging:
+                        paged.prefetch(part.entries)
+                    lion(
+                        part.local_params,
+                        part.grads,
+                        part.entries,
+                        part.formats,
+                        scalars=scalars,
+                        block_size=group["block_size"],
+                        stochastic_rounding=group["stochastic_rounding"],
+                        backend=backend,
+                        numels=[param.numel() for param in part.params],
+                        reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
+                    )
         return loss
 
     @staticmethod

@@ -5,7 +5,9 @@ momentum) of a CUDA parameter whose local tensor has at least :data:`MIN_NUMEL` 
 allocated here, in CUDA managed memory: the driver pages it between host and device, so it is
 not counted by ``torch.cuda.memory_allocated`` (:func:`allocated_bytes` counts it). Smaller
 tensors keep ordinary device memory: managed allocations are page-granular, and bitsandbytes
-draws the line at the same size.
+draws the line at the same size. The optimizer updates a paged group one tensor at a time and
+prefetches each tensor's buffers just before its update, so only the tensor being updated has
+to fit on the GPU.
 
 The memory comes from the CUDA runtime that bitsandbytes' CUDA library loads, with the call
 and flags of its allocator ``cget_managed_ptr`` (0.50.2: ``cudaMallocManaged(&p, n,
@@ -66,6 +68,11 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     # torch keeps a reference to `buffer` until the storage dies (from_blob with a deleter).
     raw = torch.as_tensor(buffer, device=device)
     return raw.view(dtype).view(shape)
+
+
+def any_paged(entries: list[dict]) -> bool:
+    """True if a buffer of these state entries is paged."""
+    return any(isinstance(v, torch.Tensor) and is_paged(v) for entry in entries for v in entry.values())
 
 
 def prefetch(entries: list[dict]) -> None:

@@ -1,16 +1,16 @@
 """Paged state on CUDA: managed memory, prefetch on the current stream, no host syncs, survives
-load_state_dict, freed with the optimizer. GPU only: these tests skip without CUDA (the CPU
-fallback is tested in test_optimizer.py)."""
+load_state_dict, freed with the optimizer. The tests marked gpu skip without CUDA (the CPU
+fallback is tested in test_optimizer.py); the order of prefetches and updates is checked on CPU."""
 
 import gc
+import warnings
 
 import pytest
 import torch
 
+import lion8bit.optimizer
 from lion8bit import Lion8bit, PagedLion8bit, paged
 from lion8bit import state as st
-
-pytestmark = pytest.mark.gpu
 
 BIG = (512, 256)  # 131072 elements: paged (paged.MIN_NUMEL = 100000)
 SMALL = (64, 64)  # 4096 elements: ordinary device memory
@@ -41,6 +41,7 @@ def paged_bytes_of(params):
     return sum(st.momentum_nbytes(p.numel(), "8bit") for p in params if p.numel() >= paged.MIN_NUMEL)
 
 
+@pytest.mark.gpu
 def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
     params, twins = make_params(), make_params()
     before = paged.allocated_bytes()
@@ -53,6 +54,7 @@ def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
     assert paged.allocated_bytes() - before == paged_bytes_of(params)
 
 
+@pytest.mark.gpu
 def test_paged_bytes_are_not_counted_by_memory_allocated():
     params = make_params()
     optimizer = PagedLion8bit(params, **OPTIONS)
@@ -68,6 +70,7 @@ def test_paged_bytes_are_not_counted_by_memory_allocated():
     assert paged_bytes_of(params) > 10 * grown
 
 
+@pytest.mark.gpu
 def test_paging_survives_load_state_dict():
     params = make_params()
     optimizer = PagedLion8bit(params, **OPTIONS)
@@ -88,6 +91,7 @@ def _on_cpu(state_dict):
     }
 
 
+@pytest.mark.gpu
 def test_step_never_synchronises_with_the_host():
     params = make_params()
     optimizer = PagedLion8bit(params, **OPTIONS)
@@ -102,6 +106,7 @@ def test_step_never_synchronises_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
 def test_each_paged_buffer_is_prefetched_on_the_current_stream(monkeypatch):
     runtime = paged._runtime()
     device = torch.cuda.current_device()
@@ -129,6 +134,7 @@ def test_each_paged_buffer_is_prefetched_on_the_current_stream(monkeypatch):
     assert {stream for _, stream in calls} == {side.cuda_stream}
 
 
+@pytest.mark.gpu
 def test_paged_buffers_are_freed_with_the_optimizer():
     before = paged.allocated_bytes()
     params = make_params()
@@ -138,3 +144,30 @@ def test_paged_buffers_are_freed_with_the_optimizer():
     del optimizer
     gc.collect()
     assert paged.allocated_bytes() == before
+
+
+def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(monkeypatch):
+    # Nothing is paged on CPU: pretend the 8-bit codes are, and record prefetches and updates.
+    events = []
+    monkeypatch.setattr(paged, "is_paged", lambda tensor: tensor.dtype == torch.uint8)
+    monkeypatch.setattr(paged, "_prefetch_storage", lambda tensor: events.append(("prefetch", tensor.data_ptr())))
+    original = lion8bit.optimizer.lion
+
+    def recording_lion(params, grads, entries, *args, **kwargs):
+        events.append(("update", [entry[st.MOMENTUM_CODES].data_ptr() for entry in entries if st.MOMENTUM_CODES in entry]))
+        return original(params, grads, entries, *args, **kwargs)
+
+    monkeypatch.setattr(lion8bit.optimizer, "lion", recording_lion)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 8), (3,), (8, 8))]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paged=True on CPU warns
+        optimizer = PagedLion8bit(params, min_8bit_size=16)
+        optimizer.step()
+    codes = [optimizer.state[p][st.MOMENTUM_CODES].data_ptr() for p in (params[0], params[2])]
+    assert events == [
+        ("prefetch", codes[0]), ("update", [codes[0]]),
+        ("update", []),  # the small param keeps fp32 momentum: nothing to prefetch
+        ("prefetch", codes[1]), ("update", [codes[1]]),
+    ]
