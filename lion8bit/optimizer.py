@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from . import kernels, quant
+from . import kernels, paged, quant, sharded
 from . import state as st
 from .reference import (
     LionScalars,
@@ -228,6 +228,37 @@ def lion(
     )
 
 
+def _lr_is_zero(lr) -> bool:
+    # A step with lr 0 on a state this step created moves no param and, with a zero grad, leaves
+    # the momentum zero: it is how torch.distributed.checkpoint (torch 2.13, _init_optim_state)
+    # creates the state before saving or loading. It is not counted, so such a call cannot
+    # shift the stochastic-rounding position; no key is used twice (this step uses step 0, the
+    # next one step 1). A host-side float: no device sync.
+    return float(lr) == 0.0
+
+
+class _Bucket:
+    """The params of one group that one backend updates, with their local views."""
+
+    def __init__(self):
+        self.params, self.local_params, self.grads, self.entries, self.formats = [], [], [], [], []
+
+    def add(self, param, local_param, grad, entry, fmt) -> None:
+        self.params.append(param)
+        self.local_params.append(local_param)
+        self.grads.append(grad)
+        self.entries.append(entry)
+        self.formats.append(fmt)
+
+    def singles(self) -> list["_Bucket"]:
+        """One bucket per tensor, in order."""
+        parts = []
+        for row in zip(self.params, self.local_params, self.grads, self.entries, self.formats):
+            parts.append(_Bucket())
+            parts[-1].add(*row)
+        return parts
+
+
 class Lion(Optimizer):
     r"""Lion (Chen et al. 2023, arXiv 2302.06675) with its momentum stored in 8 bits, bf16 or fp32.
 
@@ -251,9 +282,14 @@ class Lion(Optimizer):
             option), the group's lr at construction, kept in the group under that key.
         stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
             reproducible (keyed on a per-param seed, the step and the element index).
-        paged: keep the momentum in CUDA managed memory (GPU only; warns and ignores on CPU).
+        paged: keep the momentum of tensors of at least ``lion8bit.paged.MIN_NUMEL`` elements in
+            CUDA managed memory, prefetched before each update (GPU only; needs bitsandbytes'
+            CUDA library; warns and uses ordinary memory on CPU).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
         maximize: maximize the objective instead of minimizing.
+
+    DTensor params (FSDP2's ``fully_shard``, placed with Shard / Replicate) are stepped through
+    their local shards, with state for the local shard only; see :mod:`lion8bit.sharded`.
 
     Also accepted, so code written for lion-pytorch or bitsandbytes runs unchanged:
     ``use_triton`` (True means ``backend="triton"``), ``cautious_wd``, ``optim_bits`` (8 or 32)
@@ -320,12 +356,13 @@ class Lion(Optimizer):
         try:
             check_group_options(group, where)
             for position, param in enumerate(group["params"]):
+                label = _param_label(len(self.param_groups) - 1, position, group, param)
                 if param.dtype not in PARAM_DTYPES:
-                    label = _param_label(len(self.param_groups) - 1, position, group, param)
                     raise ValueError(
                         f"Invalid parameter dtype of {label}: {param.dtype} "
                         f"(Lion supports {', '.join(str(d) for d in PARAM_DTYPES)})"
                     )
+                sharded.check_param(param, label)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -343,41 +380,53 @@ class Lion(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _new_state(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
-        if group["paged"] and param.device.type != "cuda" and not self._paged_warned:
-            warnings.warn(
-                "paged=True needs CUDA managed memory; this parameter is on "
-                f"{param.device.type}, so its momentum uses ordinary memory",
-                stacklevel=4,
-            )
-            self._paged_warned = True
-        entry = {st.STEP: 0}
-        entry.update(st.new_momentum(param, fmt, group["block_size"]))
-        return entry
+    def _allocator(self, param: torch.Tensor, group: dict):
+        """``torch.empty``, or :func:`lion8bit.paged.empty` for the momentum of a paged param."""
+        if not group["paged"]:
+            return torch.empty
+        local_param = sharded.local(param)
+        if local_param.device.type != "cuda":
+            if not self._paged_warned:
+                warnings.warn(
+                    "paged=True needs CUDA managed memory; this parameter is on "
+                    f"{local_param.device.type}, so its momentum uses ordinary memory",
+                    stacklevel=5,
+                )
+                self._paged_warned = True
+            return torch.empty
+        return paged.empty if paged.wanted(local_param) else torch.empty
+
+    def _new_momentum(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
+        return sharded.new_momentum(param, fmt, group["block_size"], self._allocator(param, group))
 
     def _prepare(self, param: torch.Tensor, group: dict, index: int, label) -> tuple[dict, str]:
-        """The param's state entry: created, or re-encoded if the group's state kind changed."""
+        """The param's state entry: created, or re-encoded if the group's state kind changed.
+
+        For a DTensor param the format follows the whole param's size, as unsharded.
+        """
         block_size = group["block_size"]
         fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
         entry = self.state[param]
         if not entry:
-            entry.update(self._new_state(param, group, fmt))
+            entry[st.STEP] = 0
+            entry.update(self._new_momentum(param, group, fmt))
         stored = st.stored_format(entry)
-        if stored == "8bit" and entry[st.MOMENTUM_ABSMAX].numel() != quant.num_blocks(
-            param.numel(), block_size
-        ):
-            raise ValueError(
-                f"{label()}: its 8-bit momentum has {entry[st.MOMENTUM_ABSMAX].numel()} blocks, "
-                f"but block_size={block_size} needs {quant.num_blocks(param.numel(), block_size)}; "
-                "block_size cannot change once the state exists"
-            )
+        if stored == "8bit":
+            found = tuple(entry[st.MOMENTUM_ABSMAX].shape)
+            expected = sharded.absmax_shape(param, block_size)
+            if found != expected:
+                raise ValueError(
+                    f"{label()}: its 8-bit momentum has absmax of shape {found}, but "
+                    f"block_size={block_size} needs {expected}; block_size cannot change once "
+                    "the state exists"
+                )
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
-            values = st.decode_momentum(entry, stored, block_size)
+            values = st.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
             for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
                 entry.pop(key, None)
-            entry.update(st.new_momentum(param, fmt, block_size))
-            st.encode_momentum(entry, values, fmt, block_size)
+            entry.update(self._new_momentum(param, group, fmt))
+            st.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
         if group["stochastic_rounding"] and st.SR_SEED not in entry:
             entry[st.SR_SEED] = quant.mix32(index)
         return entry, fmt
@@ -394,37 +443,48 @@ class Lion(Optimizer):
 
         index = -1
         for group_index, group in enumerate(self.param_groups):
-            buckets: dict[str, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+            buckets: dict[str, _Bucket] = defaultdict(_Bucket)
             for position, param in enumerate(group["params"]):
                 index += 1
                 grad = param.grad
                 if grad is None:
                     continue
                 self._check_grad(param, grad, group_index, position, group)
+                fresh = not self.state.get(param)
                 entry, fmt = self._prepare(
                     param, group, index, lambda: _param_label(group_index, position, group, param)
                 )
-                entry[st.STEP] += 1
-                backend = _resolve_backend(group["backend"], param.device)
-                bucket = buckets[backend]
-                bucket[0].append(param)
-                bucket[1].append(grad)
-                bucket[2].append(entry)
-                bucket[3].append(fmt)
+                if not (fresh and _lr_is_zero(group["lr"])):
+                    entry[st.STEP] += 1
+                local_param = sharded.local(param)
+                backend = _resolve_backend(group["backend"], local_param.device)
+                buckets[backend].add(
+                    param, local_param, sharded.local(grad),
+                    sharded.local_entry(param, entry, group["block_size"]), fmt,
+                )
             if not buckets:
                 continue
             scalars = lion_scalars(group)
-            for backend, (params, grads, entries, formats) in buckets.items():
-                lion(
-                    params,
-                    grads,
-                    entries,
-                    formats,
-                    scalars=scalars,
-                    block_size=group["block_size"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    backend=backend,
-                )
+            for backend, bucket in buckets.items():
+                # Paged state: one tensor at a time, each prefetched (asynchronously, on the
+                # current stream) just before its own update, so only the tensor being updated
+                # has to fit on the GPU, as with bitsandbytes.
+                paging = group["paged"] and paged.any_paged(bucket.entries)
+                for part in bucket.singles() if paging else (bucket,):
+                    if paging:
+                        paged.prefetch(part.entries)
+                    lion(
+                        part.local_params,
+                        part.grads,
+                        part.entries,
+                        part.formats,
+                        scalars=scalars,
+                        block_size=group["block_size"],
+                        stochastic_rounding=group["stochastic_rounding"],
+                        backend=backend,
+                        numels=[param.numel() for param in part.params],
+                        reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
+                    )
         return loss
 
     @staticmethod
@@ -432,6 +492,11 @@ class Lion(Optimizer):
         if grad.is_sparse:
             label = _param_label(group_index, position, group, param)
             raise RuntimeError(f"Lion does not support sparse gradients ({label})")
+        if not sharded.same_layout(grad, param):
+            label = _param_label(group_index, position, group, param)
+            raise RuntimeError(
+                f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}"
+            )
         if grad.shape != param.shape:
             label = _param_label(group_index, position, group, param)
             raise RuntimeError(f"Gradient of {label} has shape {tuple(grad.shape)}")
@@ -519,7 +584,7 @@ class Lion(Optimizer):
             if entry is None:
                 continue
             label = _param_label(group_index, position, group, param)
-            new_state[param] = _checked_entry(entry, param, group, label)
+            new_state[param] = _checked_entry(entry, param, group, label, self._allocator(param, group))
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -529,8 +594,9 @@ class Lion(Optimizer):
 _KNOWN_KEYS = {st.STEP, st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX, st.SR_SEED}
 
 
-def _checked_entry(entry, param: torch.Tensor, group: dict, label: str) -> dict:
-    """A copy of one loaded state entry on the param's device, or ValueError naming the param."""
+def _checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty) -> dict:
+    """A copy of one loaded state entry in buffers from ``empty`` on the param's device (a
+    DTensor param's state stays DTensors), or ValueError naming the param."""
     if not isinstance(entry, dict):
         raise ValueError(f"{label}: state must be a dict, got {type(entry).__name__}")
     unknown = set(entry) - _KNOWN_KEYS
@@ -542,18 +608,18 @@ def _checked_entry(entry, param: torch.Tensor, group: dict, label: str) -> dict:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{label}: step must be a non-negative int, got {step!r}")
     fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
-    st.check_momentum(entry, param, fmt, group["block_size"], label)
+    sharded.check_momentum(entry, param, fmt, group["block_size"], label)
     checked = {st.STEP: step}
     for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
         if key in entry:
-            checked[key] = entry[key].to(param.device, copy=True)
+            checked[key] = sharded.copy_state(entry[key], param, empty)
     if st.SR_SEED in entry:
         seed = entry[st.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{label}: {st.SR_SEED} must be an int in [0, 2**32), got {seed!r}")
         checked[st.SR_SEED] = seed
     if st.stored_format(checked) is None:
-        checked.update(st.new_momentum(param, fmt, group["block_size"]))
+        checked.update(sharded.new_momentum(param, fmt, group["block_size"], empty))
     return checked
 
 

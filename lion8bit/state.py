@@ -8,6 +8,8 @@ and the budget tool all use these, so they cannot disagree.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import quant
@@ -48,18 +50,22 @@ def stored_format(entry: dict) -> str | None:
     return "bf16" if momentum.dtype == torch.bfloat16 else "fp32"
 
 
-def new_momentum(like: torch.Tensor, fmt: str, block_size: int) -> dict[str, torch.Tensor]:
-    """Zero momentum buffers for a tensor ``like`` (its shape and device)."""
+def new_momentum(
+    like: torch.Tensor, fmt: str, block_size: int, empty: Callable = torch.empty
+) -> dict[str, torch.Tensor]:
+    """Zero momentum buffers for a tensor ``like`` (its shape and device).
+
+    ``empty(shape, dtype=, device=)`` allocates them: ``torch.empty``, or the managed-memory
+    allocator of :mod:`lion8bit.paged`; they are then filled in place (no second buffer).
+    """
     if fmt == "8bit":
-        return {
-            MOMENTUM_CODES: torch.full(
-                like.shape, quant.ZERO_CODE, dtype=torch.uint8, device=like.device
-            ),
-            MOMENTUM_ABSMAX: torch.zeros(
-                quant.num_blocks(like.numel(), block_size), dtype=torch.float32, device=like.device
-            ),
-        }
-    return {MOMENTUM: torch.zeros(like.shape, dtype=_DENSE_DTYPE[fmt], device=like.device)}
+        codes = empty(like.shape, dtype=torch.uint8, device=like.device)
+        absmax = empty(
+            (quant.num_blocks(like.numel(), block_size),), dtype=torch.float32, device=like.device
+        )
+        return {MOMENTUM_CODES: codes.fill_(quant.ZERO_CODE), MOMENTUM_ABSMAX: absmax.zero_()}
+    momentum = empty(like.shape, dtype=_DENSE_DTYPE[fmt], device=like.device)
+    return {MOMENTUM: momentum.zero_()}
 
 
 def decode_momentum(entry: dict, fmt: str, block_size: int, dtype=torch.float32) -> torch.Tensor:

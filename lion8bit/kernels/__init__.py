@@ -12,6 +12,11 @@ A backend is a pair of functions with the signatures of the reference backend in
   entry's ``step`` is already incremented; ``cautious_steps`` is a list of [2] fp32 tensors (the
   step sizes where aligned / not) or None without caution.
 
+Backends see plain tensors only: for a sharded (DTensor) param the optimizer passes the local
+shard, its local grad, and a per-step dict of the local state tensors (8-bit absmax trimmed to
+the shard's blocks). Write into those tensors; never put new tensors into an entry, or the
+update is lost for sharded params.
+
 Modules are imported lazily, so ``import lion8bit`` works without Triton installed.
 """
 

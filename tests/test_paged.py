@@ -1,0 +1,173 @@
+"""Paged state on CUDA: managed memory, prefetch on the current stream, no host syncs, survives
+load_state_dict, freed with the optimizer. The tests marked gpu skip without CUDA (the CPU
+fallback is tested in test_optimizer.py); the order of prefetches and updates is checked on CPU."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import lion8bit.optimizer
+from lion8bit import Lion8bit, PagedLion8bit, paged
+from lion8bit import state as st
+
+BIG = (512, 256)  # 131072 elements: paged (paged.MIN_NUMEL = 100000)
+SMALL = (64, 64)  # 4096 elements: ordinary device memory
+OPTIONS = dict(lr=1e-3, weight_decay=0.1)
+
+
+def make_params(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(*shape, generator=generator).cuda())
+        for shape in (BIG, BIG, SMALL)
+    ]
+
+
+def train(optimizer, params, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for param in params:
+            param.grad = (torch.randn(param.shape, generator=generator) * 0.01).cuda()
+        optimizer.step()
+
+
+def momentum_buffers(optimizer, param):
+    return [v for k, v in optimizer.state[param].items() if k in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX)]
+
+
+def paged_bytes_of(params):
+    return sum(st.momentum_nbytes(p.numel(), "8bit") for p in params if p.numel() >= paged.MIN_NUMEL)
+
+
+@pytest.mark.gpu
+def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
+    params, twins = make_params(), make_params()
+    before = paged.allocated_bytes()
+    optimizer, unpaged = PagedLion8bit(params, **OPTIONS), Lion8bit(twins, **OPTIONS)
+    train(optimizer, params, 5)
+    train(unpaged, twins, 5)
+    for param, twin in zip(params, twins):
+        assert torch.equal(param, twin)
+        assert all(paged.is_paged(b) == (param.numel() >= paged.MIN_NUMEL) for b in momentum_buffers(optimizer, param))
+    assert paged.allocated_bytes() - before == paged_bytes_of(params)
+
+
+@pytest.mark.gpu
+def test_paged_bytes_are_not_counted_by_memory_allocated():
+    params = make_params()
+    optimizer = PagedLion8bit(params, **OPTIONS)
+    for param in params:
+        param.grad = torch.full_like(param, 0.01)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    optimizer.step()  # creates the state; the step's temporaries are freed again
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - allocated
+    small = st.momentum_nbytes(SMALL[0] * SMALL[1], "8bit")
+    assert grown <= small + 2 * 512  # the caching allocator rounds each block up to 512 bytes
+    assert paged_bytes_of(params) > 10 * grown
+
+
+@pytest.mark.gpu
+def test_paging_survives_load_state_dict():
+    params = make_params()
+    optimizer = PagedLion8bit(params, **OPTIONS)
+    train(optimizer, params, 3)
+    for state_dict in (optimizer.state_dict(), _on_cpu(optimizer.state_dict())):
+        loaded = PagedLion8bit(make_params(), **OPTIONS)
+        loaded.load_state_dict(state_dict)
+        for param, twin in zip(params, loaded.param_groups[0]["params"]):
+            for buffer, original in zip(momentum_buffers(loaded, twin), momentum_buffers(optimizer, param)):
+                assert paged.is_paged(buffer) == (param.numel() >= paged.MIN_NUMEL)
+                assert buffer.dtype == original.dtype and torch.equal(buffer, original)
+
+
+def _on_cpu(state_dict):
+    return {
+        "state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in e.items()} for k, e in state_dict["state"].items()},
+        "param_groups": state_dict["param_groups"],
+    }
+
+
+@pytest.mark.gpu
+def test_step_never_synchronises_with_the_host():
+    params = make_params()
+    optimizer = PagedLion8bit(params, **OPTIONS)
+    train(optimizer, params, 1)  # allocates the state
+    for param in params:
+        param.grad = torch.full_like(param, 0.01)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_each_paged_buffer_is_prefetched_on_the_current_stream(monkeypatch):
+    runtime = paged._runtime()
+    device = torch.cuda.current_device()
+    if not runtime.can_prefetch(device):
+        pytest.skip("this GPU has no concurrent managed access: prefetch is skipped by design")
+    params = make_params()
+    optimizer = PagedLion8bit(params, **OPTIONS)
+    train(optimizer, params, 1)
+    calls = []
+    original = runtime.prefetch
+
+    def spy(pointer, nbytes, device, stream):
+        calls.append((pointer, stream))
+        return original(pointer, nbytes, device, stream)
+
+    monkeypatch.setattr(runtime, "prefetch", spy)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for param in params:
+            param.grad = torch.full_like(param, 0.01)
+        optimizer.step()
+    side.synchronize()
+    buffers = [b for p in params for b in momentum_buffers(optimizer, p) if paged.is_paged(b)]
+    assert sorted(pointer for pointer, _ in calls) == sorted(b.untyped_storage().data_ptr() for b in buffers)
+    assert {stream for _, stream in calls} == {side.cuda_stream}
+
+
+@pytest.mark.gpu
+def test_paged_buffers_are_freed_with_the_optimizer():
+    before = paged.allocated_bytes()
+    params = make_params()
+    optimizer = PagedLion8bit(params, **OPTIONS)
+    train(optimizer, params, 1)
+    assert paged.allocated_bytes() > before
+    del optimizer
+    gc.collect()
+    assert paged.allocated_bytes() == before
+
+
+def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(monkeypatch):
+    # Nothing is paged on CPU: pretend the 8-bit codes are, and record prefetches and updates.
+    events = []
+    monkeypatch.setattr(paged, "is_paged", lambda tensor: tensor.dtype == torch.uint8)
+    monkeypatch.setattr(paged, "_prefetch_storage", lambda tensor: events.append(("prefetch", tensor.data_ptr())))
+    original = lion8bit.optimizer.lion
+
+    def recording_lion(params, grads, entries, *args, **kwargs):
+        events.append(("update", [entry[st.MOMENTUM_CODES].data_ptr() for entry in entries if st.MOMENTUM_CODES in entry]))
+        return original(params, grads, entries, *args, **kwargs)
+
+    monkeypatch.setattr(lion8bit.optimizer, "lion", recording_lion)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 8), (3,), (8, 8))]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # paged=True on CPU warns
+        optimizer = PagedLion8bit(params, min_8bit_size=16)
+        optimizer.step()
+    codes = [optimizer.state[p][st.MOMENTUM_CODES].data_ptr() for p in (params[0], params[2])]
+    assert events == [
+        ("prefetch", codes[0]), ("update", [codes[0]]),
+        ("update", []),  # the small param keeps fp32 momentum: nothing to prefetch
+        ("prefetch", codes[1]), ("update", [codes[1]]),
+    ]
