@@ -162,7 +162,7 @@ def test_rounding_to_bf16_and_fp16_is_quants(interpreted, stochastic):
 OPTIONS = {
     "plain": dict(weight_decay=0.0),
     "decay": dict(weight_decay=0.1),
-    "decoupled": dict(weight_decay=1e-4, decoupled_weight_decay=True, initial_lr=3e-3),
+    "decoupled": dict(weight_decay=1e-4, decoupled_weight_decay=True, decoupled_initial_lr=3e-3),
     "cautious": dict(weight_decay=0.1, cautious_factor=0.5),
     "mask+cwd": dict(weight_decay=0.1, cautious_factor=0.0, cautious_weight_decay=True),
     "cwd+maximize": dict(weight_decay=0.1, cautious_weight_decay=True, maximize=True),
@@ -178,7 +178,7 @@ TAIL_SIZES = [1, 255, 257, 4095, 4097]  # numels that are not whole blocks (or w
 
 
 def _group(options: dict, lr: float = 1e-3) -> dict:
-    group = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.0, initial_lr=lr)
+    group = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.0, decoupled_initial_lr=lr)
     group.update(options)
     return group
 
