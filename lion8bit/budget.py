@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from . import paged as paged_state
 from . import quant
 from . import state as st
 
@@ -512,7 +513,7 @@ class Row:
     state_format: str
     weights: int
     grads: int
-    state: int  # on the device (paged rows: the largest tensor's momentum, see budget_row)
+    state: int  # on the device (paged rows: small tensors' + the largest paged one's, see budget_row)
     paged: int  # managed memory: on the device while there is room, evicted to host RAM
     n_params: int
 
@@ -528,10 +529,11 @@ class Row:
 def budget_row(shapes: ModelShapes, optimizer: str, dtype: str = "mixed", rules: Rules = Rules()) -> Row:
     """Bytes of weights, grads and optimizer state of ``shapes`` trained with ``optimizer``.
 
-    Frozen tensors (``trainable=False``) count as weights only. For a paged optimizer the whole
-    momentum is in ``paged`` and ``state`` holds the largest single tensor's momentum: the step
-    updates one tensor at a time, so that much has to be resident at once (a floor: the driver
-    decides what else stays).
+    Frozen tensors (``trainable=False``) count as weights only. For a paged optimizer the
+    momentum of every tensor of at least ``lion8bit.paged.MIN_NUMEL`` elements is in ``paged``;
+    ``state`` holds the smaller tensors' momentum plus the largest paged tensor's: the step
+    updates a paged group one tensor at a time, so that much has to be resident at once (a
+    floor: the driver decides what else stays).
     """
     rule, precision = OPTIMIZERS[optimizer], PRECISIONS[dtype]
     trainable = [p.numel for p in shapes.params if p.trainable]
@@ -540,7 +542,9 @@ def budget_row(shapes: ModelShapes, optimizer: str, dtype: str = "mixed", rules:
     state = sum(per_tensor) + rule.shared_nbytes(trainable, rules)
     paged = 0
     if rule.paged:
-        paged, state = state, max(per_tensor, default=0)
+        in_managed = [b for n, b in zip(trainable, per_tensor) if n >= paged_state.MIN_NUMEL]
+        paged = sum(in_managed)
+        state = state - paged + max(in_managed, default=0)
     return Row(
         optimizer=optimizer,
         label=rule.label,
@@ -660,7 +664,8 @@ class Comparison:
             lines += textwrap.wrap(
                 f"* {paged.label}: {paged.paged / GIB:.2f} GiB of momentum in CUDA managed memory "
                 "(evicted to host RAM under pressure), not in its total; its state column is the "
-                "largest tensor's momentum, resident while that tensor updates",
+                f"momentum of tensors under {paged_state.MIN_NUMEL:,} elements (never paged) plus "
+                "the largest paged tensor's, resident while that tensor updates",
                 100,
                 subsequent_indent="  ",
             )
