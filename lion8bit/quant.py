@@ -18,6 +18,14 @@ import torch
 BLOCK_SIZE = 256
 ZERO_CODE = 127  # index of 0.0 in the codebook: 127 negative values below it, 128 positive above
 
+# A block whose absmax is subnormal (below 2**-126) is normalized with both the momentum and the
+# absmax scaled by 2**24 first: 1/absmax would overflow to inf there (and 0 * inf is NaN), e.g.
+# for embedding rows that get no gradient for ~8000 steps while beta2 = 0.99 decays their
+# momentum. 2**24 makes every subnormal normal; power-of-two scaling is exact, and for normal
+# blocks the scale is 1, so nothing else changes.
+SUBNORMAL_ABSMAX = torch.finfo(torch.float32).tiny
+SUBNORMAL_SCALE = 2.0**24
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -114,13 +122,16 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 values -> (uint8 codes of the same shape, fp32 absmax per block).
 
-    normalized = value * (1 / absmax), both fp32 operations correctly rounded. An all-zero
-    block has absmax 0 and codes 127 (no 0/0).
+    normalized = value * (1 / absmax), both fp32 operations correctly rounded; with a subnormal
+    absmax, (value * 2**24) * (1 / (absmax * 2**24)). An all-zero block has absmax 0 and codes
+    127 (no 0/0).
     """
     flat = values.reshape(-1).float()
     absmax = blockwise_absmax(flat, block_size)
-    inverse = torch.where(absmax > 0, torch.reciprocal(absmax), torch.zeros_like(absmax))
-    normalized = (_as_blocks(flat, block_size) * inverse[:, None]).reshape(-1)[: flat.numel()]
+    scale = torch.where(absmax < SUBNORMAL_ABSMAX, SUBNORMAL_SCALE, 1.0)
+    inverse = torch.where(absmax > 0, torch.reciprocal(absmax * scale), torch.zeros_like(absmax))
+    blocks = _as_blocks(flat, block_size) * scale[:, None]
+    normalized = (blocks * inverse[:, None]).reshape(-1)[: flat.numel()]
     return nearest_codes(normalized).view(values.shape), absmax
 
 

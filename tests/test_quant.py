@@ -26,15 +26,17 @@ def brute_force_codes(normalized: torch.Tensor) -> torch.Tensor:
 
 
 def brute_force_quantize(values: torch.Tensor, block_size: int):
-    """Block by block in numpy fp32: absmax, x * (1/absmax), brute-force codes."""
+    """Block by block in numpy fp32: absmax, x * (1/absmax), brute-force codes; a subnormal
+    absmax (whose reciprocal overflows) scales the block and the absmax by 2**24 first."""
     flat = values.reshape(-1).float().numpy()
     codes, absmax = [], []
     for start in range(0, flat.size, block_size):
         block = flat[start : start + block_size]
         peak = np.float32(np.abs(block).max())
-        inverse = np.float32(1.0) / peak if peak > 0 else np.float32(0.0)
+        scale = np.float32(2.0**24) if peak < np.finfo(np.float32).tiny else np.float32(1.0)
+        inverse = np.float32(1.0) / (peak * scale) if peak > 0 else np.float32(0.0)
         absmax.append(peak)
-        codes.append(brute_force_codes(torch.from_numpy(block * inverse)))
+        codes.append(brute_force_codes(torch.from_numpy((block * scale) * inverse)))
     return torch.cat(codes).view(values.shape), torch.tensor(np.array(absmax, dtype=np.float32))
 
 
@@ -89,7 +91,7 @@ def test_nearest_codes_property(values):
 @given(
     numel=hs.sampled_from(SIZES_WITH_TAILS[:7]),
     block_size=hs.sampled_from([64, 256, 2048]),
-    scale=hs.sampled_from([1e-30, 1e-7, 1e-3, 1.0, 1e4]),
+    scale=hs.sampled_from([1e-40, 1e-30, 1e-7, 1e-3, 1.0, 1e4]),
     outlier=hs.booleans(),
     zero_block=hs.booleans(),
     seed=hs.integers(0, 2**31 - 1),
@@ -123,6 +125,19 @@ def test_round_trip_error_is_within_half_a_code_gap(numel):
     # A non-zero value below half the smallest code goes to +-5.5e-7 (sign rule): allow that.
     bound = torch.maximum(gap_up, gap_down) / 2 * scale * (1 + 1e-6) + 5.6e-7 * scale
     assert torch.all((decoded - values).abs() <= bound)
+
+
+def test_a_block_with_subnormal_absmax_keeps_zeros_and_signs():
+    """1/absmax overflows for an absmax below 2**-126; the 2**24 scaling keeps the block exact."""
+    values = torch.zeros(256)
+    values[::4] = torch.linspace(-2e-39, 3e-39, 64)
+    values[1] = -3e-39
+    codes, absmax = quant.quantize_blockwise(values)
+    assert absmax[0] == 3e-39 and absmax[0] < torch.finfo(torch.float32).tiny
+    decoded = quant.dequantize_blockwise(codes, absmax)
+    assert torch.isfinite(decoded).all()
+    assert torch.equal(torch.sign(decoded), torch.sign(values))
+    assert torch.all(codes[values == 0] == quant.ZERO_CODE)
 
 
 def test_all_zero_and_tiny_blocks():

@@ -85,6 +85,8 @@ _max_combine = tl.standard._elementwise_max
 _sum_combine = tl.standard._sum_combine
 
 _REQUANT_TABLE, _FIRST = _build_requant_table()
+_SUBNORMAL_ABSMAX = tl.constexpr(quant.SUBNORMAL_ABSMAX)
+_SUBNORMAL_SCALE = tl.constexpr(quant.SUBNORMAL_SCALE)
 _FIRST_BUCKET = tl.constexpr(_FIRST)
 _NUM_BUCKETS = tl.constexpr(len(_REQUANT_TABLE))
 
@@ -160,9 +162,8 @@ def _nearest_codes(normalized, requant_table_ptr):
     count = tl.where(bucket < 0, 0, tl.where(bucket >= _NUM_BUCKETS, _POSITIVE_THRESHOLDS, count))
     count = tl.where(magnitude != 0, tl.maximum(count, 1), count)  # never store non-zero as 0
     code = tl.where(bits < 0, 127 - tl.minimum(count, 127), 127 + count)
-    # NaN of either sign sorts above every threshold in quant.nearest_codes: code 255. (It arises
-    # as 0 * inf when a block's absmax is subnormal and its reciprocal overflows; x86 makes that
-    # NaN negative, NVIDIA positive.)
+    # NaN of either sign sorts above every threshold in quant.nearest_codes: code 255 (a NaN
+    # momentum; x86 makes 0 * inf a negative NaN, NVIDIA a positive one).
     code = tl.where(magnitude > 0x7F800000, 255, code)
     return code.to(tl.uint8)
 
@@ -279,8 +280,11 @@ def _lion_step_kernel(
         absmax = tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_combine)
         # A correctly rounded reciprocal, as torch.reciprocal: on NVIDIA, "/" on fp32 lowers to
         # an approximate division (div.full.f32, 2 ulp); div_rn is div.rn.f32.
-        inverse = tl.where(absmax > 0, tl.math.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0)), 0.0)
-        codes = _nearest_codes(m * inverse[:, None], requant_table_ptr)
+        # A subnormal absmax would overflow 1/absmax: scale as quant.quantize_blockwise does.
+        scale = tl.where(absmax < _SUBNORMAL_ABSMAX, _SUBNORMAL_SCALE, 1.0)
+        scaled = tl.where(absmax > 0, absmax * scale, 1.0)
+        inverse = tl.where(absmax > 0, tl.math.div_rn(1.0, scaled), 0.0)
+        codes = _nearest_codes((m * scale[:, None]) * inverse[:, None], requant_table_ptr)
         tl.store(momentum_ptr + offsets, codes, mask=mask)
         tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
     elif FORMAT == "bf16":
