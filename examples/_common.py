@@ -17,15 +17,18 @@ import gzip
 import importlib.util
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_LABEL = "SMOKE TEST on synthetic data, not evidence"
@@ -35,15 +38,20 @@ class DataMissing(RuntimeError):
     """The real data set is not installed; the message says how to get it."""
 
 
-def exit_on_missing_data(error: DataMissing) -> None:
-    sys.exit(f"error: {error}")
+def load_data(choice: str, real: str, available, load_real, load_synthetic, real_label: str):
+    """(name, data, label) of the data set to use: ``real`` or "synthetic".
 
-
-def resolve_data(choice: str, real: str, available) -> str:
-    """"auto" means the real data set ``real`` when installed, else the "synthetic" stand-in."""
-    if choice != "auto":
-        return choice
-    return real if available() else "synthetic"
+    ``choice`` "auto" takes the real one when ``available()``, else the synthetic stand-in (and
+    says so on stderr). A missing real data set ends the program with one line saying how to get it.
+    """
+    name = choice if choice != "auto" else (real if available() else "synthetic")
+    try:
+        data = load_real() if name == real else load_synthetic()
+    except DataMissing as error:
+        sys.exit(f"error: {error}")
+    if name == "synthetic":
+        print(f"*** {SMOKE_LABEL} ***", file=sys.stderr)
+    return name, data, (real_label if name == real else SMOKE_LABEL)
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -251,6 +259,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(storages.values())
 
 
+def train_step(model: torch.nn.Module, optimizer, schedule, loss: torch.Tensor, grad_clip: float):
+    """Backward, clip the global grad norm, one optimizer step, one schedule step.
+
+    Returns (the lr this step used, seconds spent in ``optimizer.step()``).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    optimizer.step()
+    seconds = time.perf_counter() - start
+    schedule.step()
+    return lr, seconds
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, final_ratio: float = 0.1):
     """Linear warmup to the peak lr over ``warmup`` steps, then cosine down to ``final_ratio`` of it."""
 
@@ -399,6 +423,19 @@ def comparison_table(
             f"| {seconds:.1f} s | {opt_seconds:.1f} s | {state_bytes / 1e6:.2f} MB |"
         )
     return "\n".join(lines)
+
+
+def progress_bar(total: int) -> tqdm:
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def write_report(prefix: Path, script: str, argv, description: str, table: str) -> None:
+    """PREFIX.md: what was run, the command that reproduces it, the machine, the table; also printed."""
+    command = shlex.join(["python", f"examples/{script}", *(sys.argv[1:] if argv is None else argv)])
+    report = "\n".join([description, f"Command: `{command}`", f"Machine: {environment_line()}", "", table, ""])
+    prefix.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"wrote {prefix}.csv, {prefix}.png, {prefix}.md")
 
 
 def environment_line() -> str:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import _common as common
 
@@ -77,16 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="kjv: the Debian text; synthetic: generated smoke-test text; auto: kjv if installed (default: %(default)s)",
     )
     parser.add_argument("--seeds", type=common.parse_seeds, default="0,1,2", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=60, help="linear warmup steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: %(default)s)")
     parser.add_argument("--context", type=int, default=64, help="characters per sequence (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=128, help="model width (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between evaluations (default: %(default)s)")
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation (default: %(default)s)")
-    common.add_optimizer_arguments(parser, lion_lr=1e-3, lion_wd=0.3, adamw_lr=3e-3, adamw_wd=0.1)
+    common.add_optimizer_arguments(parser, lion_lr=3e-3, lion_wd=0.3, adamw_lr=1e-2, adamw_wd=0.1)
     common.add_output_arguments(parser, "char_lm")
     args = parser.parse_args(argv)
     if args.quick:
@@ -118,14 +115,10 @@ def evaluate(model: nn.Module, batches) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    data_name = common.resolve_data(args.data, "kjv", common.kjv_available)
-    try:
-        text = common.load_kjv() if data_name == "kjv" else common.synthetic_text()
-    except common.DataMissing as error:
-        common.exit_on_missing_data(error)
-    label = "King James Bible (Debian bible-kjv-text)" if data_name == "kjv" else common.SMOKE_LABEL
-    if data_name == "synthetic":
-        print(f"*** {common.SMOKE_LABEL} ***", file=sys.stderr)
+    data_name, text, label = common.load_data(
+        args.data, "kjv", common.kjv_available, common.load_kjv, common.synthetic_text,
+        "King James Bible (Debian bible-kjv-text)",
+    )
     prefix = common.output_prefix(args, "char_lm")
 
     data, chars = encode(text)
@@ -139,7 +132,7 @@ def main(argv=None) -> None:
 
     rows, curves, finals = [], {}, {}
     total = len(args.seeds) * len(args.optimizers) * args.steps
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = common.progress_bar(total)
     for seed in args.seeds:
         torch.manual_seed(seed)
         model = CharGPT(len(chars), args.context, args.dim, args.layers, args.heads)
@@ -158,14 +151,8 @@ def main(argv=None) -> None:
                 starts = torch.randint(len(train) - args.context - 1, (args.batch_size,), generator=batch_gen)
                 x, y = windows(train, starts, args.context)
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                step_start = time.perf_counter()
-                optimizer.step()
-                optimizer_seconds += time.perf_counter() - step_start
-                schedule.step()
+                lr, step_seconds = common.train_step(model, optimizer, schedule, loss, args.grad_clip)
+                optimizer_seconds += step_seconds
                 seconds += time.perf_counter() - start
                 train_losses.append(loss.item())
                 bar.update()
@@ -197,19 +184,11 @@ def main(argv=None) -> None:
         bound=lambda sigma: max(2 * sigma, 0.02),
         bound_text="max(2σ, 0.02)",
     )
-    command = shlex.join(["python", "examples/train_char_lm.py", *(sys.argv[1:] if argv is None else argv)])
-    report = "\n".join([
+    description = (
         f"Data: {label}. Model: {args.layers} layers, d={args.dim}, context {args.context}, "
-        f"{params:,} params; {args.steps} steps of {args.batch_size} sequences; seeds {args.seeds}.",
-        f"Command: `{command}`",
-        f"Machine: {common.environment_line()}",
-        "",
-        table,
-        "",
-    ])
-    prefix.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {prefix}.csv, {prefix}.png, {prefix}.md")
+        f"{params:,} params; {args.steps} steps of {args.batch_size} sequences; seeds {args.seeds}."
+    )
+    common.write_report(prefix, "train_char_lm.py", argv, description, table)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import _common as common
 
@@ -47,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of all steps (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations (default: %(default)s)")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    common.add_optimizer_arguments(parser, lion_lr=3e-4, lion_wd=1.0, adamw_lr=3e-3, adamw_wd=0.1)
+    common.add_optimizer_arguments(parser, lion_lr=1e-4, lion_wd=1.0, adamw_lr=1e-3, adamw_wd=0.1)
     common.add_output_arguments(parser, "fashion_mnist")
     args = parser.parse_args(argv)
     if args.quick:
@@ -79,14 +76,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    data_name = common.resolve_data(args.data, "fashion-mnist", lambda: common.fashion_available(args.data_dir))
-    try:
-        splits = common.load_fashion_mnist(args.data_dir) if data_name == "fashion-mnist" else common.synthetic_images()
-    except common.DataMissing as error:
-        common.exit_on_missing_data(error)
-    label = "Fashion-MNIST (Debian dataset-fashion-mnist)" if data_name == "fashion-mnist" else common.SMOKE_LABEL
-    if data_name == "synthetic":
-        print(f"*** {common.SMOKE_LABEL} ***", file=sys.stderr)
+    data_name, splits, label = common.load_data(
+        args.data, "fashion-mnist", lambda: common.fashion_available(args.data_dir),
+        lambda: common.load_fashion_mnist(args.data_dir), common.synthetic_images,
+        "Fashion-MNIST (Debian dataset-fashion-mnist)",
+    )
     prefix = common.output_prefix(args, "fashion_mnist")
 
     train_images, train_labels = (a[: args.train_limit] for a in splits["train"])
@@ -99,7 +93,7 @@ def main(argv=None) -> None:
     warmup = max(1, round(args.warmup * steps))
 
     rows, curves, finals = [], {}, {}
-    bar = tqdm(total=len(args.seeds) * len(args.optimizers) * steps, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = common.progress_bar(len(args.seeds) * len(args.optimizers) * steps)
     for seed in args.seeds:
         torch.manual_seed(seed)
         model = mlp()
@@ -121,14 +115,8 @@ def main(argv=None) -> None:
                     step += 1
                     start = time.perf_counter()
                     loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                    lr = optimizer.param_groups[0]["lr"]
-                    step_start = time.perf_counter()
-                    optimizer.step()
-                    optimizer_seconds += time.perf_counter() - step_start
-                    schedule.step()
+                    lr, step_seconds = common.train_step(model, optimizer, schedule, loss, args.grad_clip)
+                    optimizer_seconds += step_seconds
                     seconds += time.perf_counter() - start
                     train_losses.append(loss.item())
                     bar.update()
@@ -163,19 +151,11 @@ def main(argv=None) -> None:
         scale=100.0,
         digits=2,
     )
-    command = shlex.join(["python", "examples/train_fashion_mnist.py", *(sys.argv[1:] if argv is None else argv)])
-    report = "\n".join([
+    description = (
         f"Data: {label}, {len(x_train)} training / {len(x_test)} test images. Model: MLP 784-512-512-10; "
-        f"{args.epochs} epochs of batches of {args.batch_size} ({steps} steps); seeds {args.seeds}.",
-        f"Command: `{command}`",
-        f"Machine: {common.environment_line()}",
-        "",
-        table,
-        "",
-    ])
-    prefix.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {prefix}.csv, {prefix}.png, {prefix}.md")
+        f"{args.epochs} epochs of batches of {args.batch_size} ({steps} steps); seeds {args.seeds}."
+    )
+    common.write_report(prefix, "train_fashion_mnist.py", argv, description, table)
 
 
 if __name__ == "__main__":
