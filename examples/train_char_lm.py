@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import _common as common
 
 # --quick: a smaller model and a few steps, to show the script works end to end (not evidence).
-QUICK = dict(data="auto", steps=24, warmup=4, eval_every=8, eval_batches=2, batch_size=16,
+QUICK = dict(data="auto", steps=16, warmup=4, eval_every=8, eval_batches=2, batch_size=16,
              context=32, layers=2, dim=64, seeds=[0])
 
 

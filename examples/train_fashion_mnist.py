@@ -26,12 +26,12 @@ import torch.nn.functional as F
 import _common as common
 
 # --quick: a slice of the data and one short epoch, to show the script works end to end.
-QUICK = dict(data="auto", epochs=1, train_limit=2048, test_limit=1024, eval_every=8, seeds=[0])
+QUICK = dict(data="auto", epochs=1, train_limit=1024, test_limit=512, eval_every=4, seeds=[0])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a CI smoke run: 2048 images, one epoch, one seed (data: auto)")
+    parser.add_argument("--quick", action="store_true", help="a CI smoke run: 1024 images, one epoch, one seed (data: auto)")
     parser.add_argument(
         "--data",
         choices=("fashion-mnist", "synthetic", "auto"),
