@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import math
 import os
+import platform
 import shlex
 import shutil
 import statistics
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+import lion8bit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_LABEL = "SMOKE TEST on synthetic data, not evidence"
@@ -199,7 +202,8 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lion_lr, lion_wd
         "--optimizers",
         type=parse_optimizers,
         default=",".join(OPTIMIZERS),
-        help=f"comma-separated, from: {', '.join(OPTIMIZERS)} (default: all)",
+        help="comma-separated, from: " + "; ".join(f"{name} = {what}" for name, what in OPTIMIZERS.items())
+        + " (default: all)",
     )
     group.add_argument("--lion-lr", type=float, default=lion_lr, help="peak lr of every Lion (default: %(default)g)")
     group.add_argument("--lion-wd", type=float, default=lion_wd, help="weight decay of every Lion (default: %(default)g)")
@@ -224,17 +228,11 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) 
         return torch.optim.AdamW(param_groups(model, args.adamw_wd), lr=args.adamw_lr, betas=betas)
     groups = param_groups(model, args.lion_wd)
     if name == "lion8bit":
-        from lion8bit import Lion8bit
-
-        return Lion8bit(groups, lr=args.lion_lr, betas=betas)
+        return lion8bit.Lion8bit(groups, lr=args.lion_lr, betas=betas)
     if name == "lion8bit-bf16":
-        from lion8bit import Lion
-
-        return Lion(groups, lr=args.lion_lr, betas=betas, state="bf16")
+        return lion8bit.Lion(groups, lr=args.lion_lr, betas=betas, state="bf16")
     if name == "lion8bit-cautious":
-        from lion8bit import Lion8bit
-
-        return Lion8bit(groups, lr=args.lion_lr, betas=betas, cautious_factor=0.0)
+        return lion8bit.Lion8bit(groups, lr=args.lion_lr, betas=betas, cautious_factor=0.0)
     if name == "lion-fp32":
         from lion_pytorch import Lion as LionPytorch
 
@@ -441,10 +439,6 @@ def write_report(prefix: Path, script: str, argv, description: str, table: str) 
 
 
 def environment_line() -> str:
-    import platform
-
-    import lion8bit
-
     return (
         f"torch {torch.__version__}, lion8bit {lion8bit.__version__}, {platform.machine()} "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
