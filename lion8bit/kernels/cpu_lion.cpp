@@ -1,0 +1,481 @@
+// The fused CPU Lion step (lion8bit/reference.py, DESIGN.md §2), one pass over memory.
+//
+// Built once per machine by lion8bit/kernels/cpu_build.py and called through ctypes by
+// lion8bit/kernels/cpu_lion.py. It must be bit-identical to reference.py, so:
+// - compiled with -ffp-contract=off and without -ffast-math: the spec rounds both products of
+//   beta1*m + (1-beta1)*g before the sum, and an FMA would change the last bit;
+// - every fp32 operation of the reference is done here in the same order, on fp32 values.
+//
+// Work is split into chunks of whole absmax blocks, taken from a shared counter by
+// `num_threads` std::threads. Within a chunk, STAGE elements at a time are staged in fp32
+// buffers (L1-resident) between simple loops the compiler vectorizes: load and convert, the
+// update, store and round, requantize. Memory is touched once: each element's param, grad and
+// momentum are read once and written once.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Param, grad and dense momentum storage dtypes.
+enum DType : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
+// Momentum formats (lion8bit.state): "8bit", "bf16", "fp32".
+enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2 };
+// Fields of one tensor's descriptor row (int64), written by cpu_lion.py.
+enum Field : int64_t {
+  PARAM_PTR, GRAD_PTR, MOMENTUM_PTR, ABSMAX_PTR, NUMEL,
+  PARAM_DTYPE, GRAD_DTYPE, FORMAT, PARAM_KEY, MOMENTUM_KEY, FIELDS
+};
+// Step scalars (fp32, rounded once by the host as torch rounds a Python float operand).
+enum Scalar : int64_t { BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, DECAY, LR, SCALARS };
+// Option flags.
+enum Flag : int64_t { MAXIMIZE = 1, MASKED_DONT_MOVE = 2, CAUTIOUS_WEIGHT_DECAY = 4, STOCHASTIC = 8 };
+
+// Elements staged in fp32 between loops: 3 buffers x 4 KiB stay in a 48 KiB L1d.
+constexpr int64_t STAGE = 1024;
+// Elements per unit of work a thread takes (at least one stage): 64K elements are ~0.1 ms of
+// work, so the shared counter is touched rarely, and two threads finish within one chunk of each
+// other on a large tensor.
+constexpr int64_t CHUNK = 1 << 16;
+
+// The requantizer's search tables (built by cpu_lion.py, requantizer_levels): the 128 positive
+// decision thresholds of lion8bit.quant, rounded down to fp32, as the 7 levels of a binary
+// search. Level k holds the 2**k thresholds a search can compare with at that level, at
+// LEVEL_OFFSET[k] (levels 0-4 padded to 16 floats, one AVX-512 register each). The 7 levels
+// count the lower 127 thresholds; the top one (0.9965, between 0.993 and 1.0), at TOP, is one
+// more comparison.
+constexpr int LEVELS = 7;
+constexpr int LEVEL_OFFSET[LEVELS] = {0, 16, 32, 48, 64, 80, 112};
+constexpr int TOP = 1;
+
+struct Tables {
+  const float* codebook;  // [256] code values
+  const float* levels;    // [176] search levels
+};
+
+struct Options {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, decay, lr;
+  bool maximize, masked_dont_move, cautious_weight_decay, stochastic;
+  int64_t block_size, stage;
+};
+
+struct Item {
+  int64_t tensor, start, end;
+};
+
+inline uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// lowbias32, exactly lion8bit.quant.mix32 in uint32 arithmetic.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// torch's fp32 -> bf16 (c10 round_to_nearest_even); NaN -> canonical quiet NaN.
+inline uint16_t bf16_nearest(float x) {
+  uint32_t b = float_bits(x);
+  uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return x != x ? 0x7FC0 : rounded;
+}
+
+// lion8bit.quant.round_to_bf16 with bits: add the top 16 random bits below the kept bits.
+inline uint16_t bf16_stochastic(float x, uint32_t random) {
+  uint32_t b = float_bits(x);
+  bool finite = (b & 0x7F800000u) != 0x7F800000u;
+  return finite ? static_cast<uint16_t>((b + (random >> 16)) >> 16) : bf16_nearest(x);
+}
+
+// fp16 <-> fp32 with integer and exact fp32 operations (GCC 12 does not vectorize _Float16
+// conversions): bit-identical to torch's IEEE conversions (round to nearest even) except for
+// NaN payloads.
+inline float fp16_to_float(uint16_t h) {
+  uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent bias 15 -> 127 - 112
+  // x 2**112 rebiases normal halves and makes subnormal ones (fp32 denormals here) normal: exact.
+  uint32_t finite = float_bits(bits_float(magnitude) * 0x1p112f);
+  uint32_t bits = magnitude >= (0x7C00u << 13) ? (magnitude | 0x7F800000u) : finite;
+  return bits_float(bits | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+inline uint16_t fp16_nearest(float x) {
+  uint32_t b = float_bits(x);
+  uint32_t magnitude = b & 0x7FFFFFFFu;
+  uint16_t sign = static_cast<uint16_t>((b >> 16) & 0x8000u);
+  // Normal halves (|x| >= 2**-14): rebias the exponent, round the 13 dropped bits to nearest
+  // even; a carry moves into the exponent, and at 65520 and above reaches infinity (0x7C00).
+  uint32_t normal = (magnitude - (112u << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13;
+  normal = normal > 0x7C00u ? 0x7C00u : normal;
+  // Subnormal halves: |x| + 0.5 rounds |x| to a multiple of 2**-24 (the ulp of 0.5, and the
+  // subnormal half step) in fp32's own round-to-nearest-even; its low bits count the steps.
+  uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - float_bits(0.5f);
+  uint32_t rounded = magnitude < (113u << 23) ? subnormal : normal;
+  rounded = magnitude > 0x7F800000u ? 0x7E00u : rounded;  // NaN
+  return static_cast<uint16_t>(rounded) | sign;
+}
+
+// lion8bit.quant.round_to_fp16 with bits: pick the neighbour away from zero with probability
+// (|x| - |low|) / (|high| - |low|), every operation in fp32 as there.
+inline uint16_t fp16_stochastic(float x, uint32_t random) {
+  uint16_t nearest = fp16_nearest(x);
+  float nearest_magnitude = fp16_to_float(nearest & 0x7FFFu);
+  float magnitude = bits_float(float_bits(x) & 0x7FFFFFFFu);
+  // fp16 is sign-magnitude: +-1 on the pattern steps the magnitude by one ulp.
+  uint16_t other = static_cast<uint16_t>(magnitude > nearest_magnitude ? nearest + 1 : nearest - 1);
+  float other_magnitude = fp16_to_float(other & 0x7FFFu);
+  float low = other_magnitude < nearest_magnitude ? other_magnitude : nearest_magnitude;
+  float high = other_magnitude < nearest_magnitude ? nearest_magnitude : other_magnitude;
+  float fraction = (magnitude - low) / (high - low);
+  float uniform = static_cast<float>(random >> 8) * 0x1p-24f;
+  float chosen = uniform < fraction ? high : low;
+  uint16_t stochastic = fp16_nearest(chosen) | (nearest & 0x8000u);  // chosen is an fp16 value
+  bool keep = (nearest_magnitude == magnitude) | ((nearest & 0x7C00u) == 0x7C00u);
+  return keep ? nearest : stochastic;
+}
+
+// lion8bit.quant.nearest_codes, from n = #{positive thresholds t : t < |x|} (0..128; exact,
+// since for fp32 a and float64 t, t < a iff rounddown_fp32(t) < a): the codebook is symmetric
+// below 1.0, so the nearest code is 127 + n for x > 0 and 127 - n for x < 0, where the strict <
+// keeps a tie on the code nearer zero on both sides. The sign rule makes n at least 1, and -1.0
+// is not a code, so n is at most 127 for x < 0. NaN sorts last in searchsorted: code 255.
+inline uint8_t code_of(int32_t n, uint32_t x_bits) {
+  uint32_t magnitude_bits = x_bits & 0x7FFFFFFFu;
+  n = n < 1 ? 1 : n;
+  int32_t negative = 127 - (n > 127 ? 127 : n);
+  int32_t code = (x_bits >> 31) ? negative : 127 + n;
+  code = magnitude_bits == 0 ? 127 : code;
+  return static_cast<uint8_t>(magnitude_bits > 0x7F800000u ? 255 : code);
+}
+
+// n of |x| by the binary search of the levels: at level k, n's top k bits are known.
+inline uint8_t nearest_code(float x, const float* __restrict levels) {
+  uint32_t x_bits = float_bits(x);
+  float magnitude = bits_float(x_bits & 0x7FFFFFFFu);
+  int32_t n = 0;
+  for (int k = 0; k < LEVELS; ++k) n = 2 * n + (magnitude > levels[LEVEL_OFFSET[k] + n]);
+  return code_of(n + (magnitude > levels[TOP]), x_bits);
+}
+
+// fp32 values of elements [start, start + n) of a param / grad / dense momentum.
+inline void load(float* __restrict out, const void* base, int64_t dtype, int64_t start, int64_t n) {
+  if (dtype == F32) {
+    std::memcpy(out, static_cast<const float*>(base) + start, n * sizeof(float));
+  } else if (dtype == BF16) {
+    const uint16_t* __restrict in = static_cast<const uint16_t*>(base) + start;
+    for (int64_t i = 0; i < n; ++i) out[i] = bits_float(static_cast<uint32_t>(in[i]) << 16);
+  } else {
+    const uint16_t* __restrict in = static_cast<const uint16_t*>(base) + start;
+    for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_float(in[i]);
+  }
+}
+
+// Round fp32 values to storage; `key` >= 0 rounds bf16 / fp16 stochastically with the random
+// bits of lion8bit.quant.random_bits(key, ...) for flat indices start ...
+inline void store(const float* __restrict in, void* base, int64_t dtype, int64_t start, int64_t n,
+                  int64_t key) {
+  if (dtype == F32) {
+    std::memcpy(static_cast<float*>(base) + start, in, n * sizeof(float));
+    return;
+  }
+  uint16_t* __restrict out = static_cast<uint16_t*>(base) + start;
+  // Stages are aligned runs of a power-of-two size, so they never straddle a 2**32 boundary.
+  uint32_t element_key = mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(start >> 32));
+  uint32_t low = static_cast<uint32_t>(start);
+  if (dtype == BF16) {
+    if (key < 0) {
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_nearest(in[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = bf16_stochastic(in[i], mix32((low + static_cast<uint32_t>(i)) ^ element_key));
+    }
+  } else {
+    if (key < 0) {
+      for (int64_t i = 0; i < n; ++i) out[i] = fp16_nearest(in[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = fp16_stochastic(in[i], mix32((low + static_cast<uint32_t>(i)) ^ element_key));
+    }
+  }
+}
+
+// Dequantize: code value * absmax of its block (one fp32 multiply, quant.dequantize_blockwise).
+inline void dequantize(float* __restrict out, const uint8_t* __restrict codes, int64_t count,
+                       float scale, const float* __restrict codebook) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // The 256-entry codebook as 8 pairs of registers: two-source permutes pick within 32 values,
+  // index bits 5-7 choose the pair. No gathers: they are microcoded on CPUs with the Gather
+  // Data Sampling mitigation, and measured no faster here (0.16 vs 0.22 ns per element).
+  __m512 table[16];
+  for (int k = 0; k < 16; ++k) table[k] = _mm512_loadu_ps(codebook + 16 * k);
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (; i + 16 <= count; i += 16) {
+    __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    __m512 value[8];
+    for (int k = 0; k < 8; ++k) value[k] = _mm512_permutex2var_ps(table[2 * k], index, table[2 * k + 1]);
+    for (int bit = 0, step = 1; bit < 3; ++bit, step *= 2) {
+      __mmask16 upper = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32 << bit));
+      for (int k = 0; k + step < 8; k += 2 * step)
+        value[k] = _mm512_mask_blend_ps(upper, value[k], value[k + step]);
+    }
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(value[0], factor));
+  }
+#endif
+  for (; i < count; ++i) out[i] = codebook[codes[i]] * scale;
+}
+
+// Codes of x * inverse: nearest code, ties toward zero, the sign rule (quant.nearest_codes).
+inline void quantize(const float* __restrict x, uint8_t* __restrict out, int64_t count,
+                     float inverse, const float* __restrict levels) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // The search with levels in registers: levels 0-4 by one-register permutes, level 5 by a
+  // two-source permute, level 6 by two and a blend (0.5 ns per element measured, against 0.9 for
+  // an exponent-keyed table with gathers and neighbour checks).
+  __m512 level[11];  // 176 floats
+  for (int k = 0; k < 11; ++k) level[k] = _mm512_loadu_ps(levels + 16 * k);
+  const __m512 factor = _mm512_set1_ps(inverse), top = _mm512_set1_ps(levels[TOP]);
+  const __m512i one = _mm512_set1_epi32(1), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  for (; i + 16 <= count; i += 16) {
+    __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), factor);
+    __m512i bits = _mm512_castps_si512(value);
+    __m512i magnitude_bits = _mm512_and_si512(bits, magnitude_mask);
+    __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
+    __m512i n = _mm512_setzero_si512();
+    for (int k = 0; k < 5; ++k) {
+      __m512 threshold = _mm512_permutexvar_ps(n, level[k]);
+      n = _mm512_mask_add_epi32(_mm512_add_epi32(n, n), _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ),
+                                _mm512_add_epi32(n, n), one);
+    }
+    __m512 threshold = _mm512_permutex2var_ps(level[5], n, level[6]);
+    n = _mm512_mask_add_epi32(_mm512_add_epi32(n, n), _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ),
+                              _mm512_add_epi32(n, n), one);
+    threshold = _mm512_mask_blend_ps(_mm512_test_epi32_mask(n, _mm512_set1_epi32(32)),
+                                     _mm512_permutex2var_ps(level[7], n, level[8]),
+                                     _mm512_permutex2var_ps(level[9], n, level[10]));
+    n = _mm512_mask_add_epi32(_mm512_add_epi32(n, n), _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ),
+                              _mm512_add_epi32(n, n), one);
+    n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(magnitude, top, _CMP_GT_OQ), n, one);
+    // code_of, lane-wise.
+    n = _mm512_max_epi32(n, one);
+    __m512i code = _mm512_mask_blend_epi32(
+        _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512()), _mm512_add_epi32(n, _mm512_set1_epi32(127)),
+        _mm512_sub_epi32(_mm512_set1_epi32(127), _mm512_min_epi32(n, _mm512_set1_epi32(127))));
+    code = _mm512_mask_mov_epi32(code, _mm512_cmpeq_epi32_mask(magnitude_bits, _mm512_setzero_si512()),
+                                 _mm512_set1_epi32(127));
+    code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epi32_mask(magnitude_bits, _mm512_set1_epi32(0x7F800000)),
+                                 _mm512_set1_epi32(255));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code));
+  }
+#endif
+  for (; i < count; ++i) out[i] = nearest_code(x[i] * inverse, levels);
+}
+
+inline void decode_8bit(float* out, const uint8_t* codes, const float* absmax, int64_t block_size,
+                        int64_t start, int64_t n, const Tables& t) {
+  for (int64_t b = 0; b < n; b += block_size)
+    dequantize(out + b, codes + start + b, std::min(block_size, n - b),
+               absmax[(start + b) / block_size], t.codebook);
+}
+
+// Quantize whole blocks: absmax, x * (1/absmax), nearest codes (quant.quantize_blockwise).
+inline void encode_8bit(const float* in, uint8_t* codes, float* absmax, int64_t block_size,
+                        int64_t start, int64_t n, const Tables& t) {
+  for (int64_t b = 0; b < n; b += block_size) {
+    int64_t count = std::min(block_size, n - b);
+    const float* __restrict x = in + b;
+    // max |x| on the bit patterns: for non-negative floats integer order is float order, and a
+    // NaN (above +inf) propagates as in torch.amax.
+    uint32_t peak_bits = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      uint32_t bits = float_bits(x[i]) & 0x7FFFFFFFu;
+      peak_bits = bits > peak_bits ? bits : peak_bits;
+    }
+    float peak = bits_float(peak_bits);
+    float inverse = peak > 0 ? 1.0f / peak : 0.0f;
+    quantize(x, codes + start + b, count, inverse, t.levels);
+    absmax[(start + b) / block_size] = peak;
+  }
+}
+
+inline void load_momentum(float* out, const int64_t* d, const Options& o, int64_t start, int64_t n,
+                          const Tables& t) {
+  const void* momentum = reinterpret_cast<const void*>(d[MOMENTUM_PTR]);
+  if (d[FORMAT] == Q8) {
+    decode_8bit(out, static_cast<const uint8_t*>(momentum),
+                reinterpret_cast<const float*>(d[ABSMAX_PTR]), o.block_size, start, n, t);
+  } else {
+    load(out, momentum, d[FORMAT] == MOMENTUM_BF16 ? BF16 : F32, start, n);
+  }
+}
+
+inline void load_grad(float* __restrict out, const int64_t* d, const Options& o, int64_t start,
+                      int64_t n) {
+  load(out, reinterpret_cast<const void*>(d[GRAD_PTR]), d[GRAD_DTYPE], start, n);
+  if (o.maximize)
+    for (int64_t i = 0; i < n; ++i) out[i] = -out[i];
+}
+
+// The update of reference.lion_update on staged fp32 values, in place on p and m.
+void update(float* __restrict p, float* __restrict m, const float* __restrict g, int64_t n,
+            const Options& o, float aligned_step, float misaligned_step) {
+  const float beta1 = o.beta1, one_minus_beta1 = o.one_minus_beta1, beta2 = o.beta2,
+              one_minus_beta2 = o.one_minus_beta2, decay = o.decay;
+  const bool everyone_moves = !o.masked_dont_move, cautious_weight_decay = o.cautious_weight_decay;
+  for (int64_t i = 0; i < n; ++i) {
+    float c = m[i] * beta1 + g[i] * one_minus_beta1;
+    float u = static_cast<float>((c > 0) - (c < 0));  // torch.sign: sign(+-0) = sign(NaN) = 0
+    bool aligned = u * g[i] > 0;
+    float step = aligned ? aligned_step : misaligned_step;
+    float direction = (aligned | everyone_moves) ? u : 0.0f;
+    float decayed = p[i] * decay;  // decay is exactly 1 without weight decay: p * 1 == p
+    bool decays = !cautious_weight_decay | (direction * p[i] >= 0);
+    float kept = decays ? decayed : p[i];
+    p[i] = kept - u * step;
+    m[i] = m[i] * beta2 + g[i] * one_minus_beta2;
+  }
+}
+
+// Items of whole blocks (whole stages) covering every tensor.
+std::vector<Item> items_of(const int64_t* tensors, int64_t count, int64_t chunk) {
+  std::vector<Item> items;
+  for (int64_t k = 0; k < count; ++k) {
+    int64_t numel = tensors[k * FIELDS + NUMEL];
+    for (int64_t start = 0; start < numel; start += chunk)
+      items.push_back({k, start, std::min(numel, start + chunk)});
+  }
+  return items;
+}
+
+template <typename Work>
+void run_parallel(const std::vector<Item>& items, int64_t num_threads, int64_t stage, Work work) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    std::vector<float> buffers(3 * stage);
+    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size()); i = next.fetch_add(1))
+      work(items[i], buffers.data());
+  };
+  int64_t spawned = std::max<int64_t>(0, std::min<int64_t>(num_threads, items.size()) - 1);
+  std::vector<std::thread> threads;
+  threads.reserve(spawned);
+  for (int64_t k = 0; k < spawned; ++k) threads.emplace_back(worker);
+  worker();
+  for (auto& thread : threads) thread.join();
+}
+
+Options options_of(const float* scalars, int64_t flags, int64_t block_size) {
+  Options o;
+  o.beta1 = scalars[BETA1];
+  o.one_minus_beta1 = scalars[ONE_MINUS_BETA1];
+  o.beta2 = scalars[BETA2];
+  o.one_minus_beta2 = scalars[ONE_MINUS_BETA2];
+  o.decay = scalars[DECAY];
+  o.lr = scalars[LR];
+  o.maximize = flags & MAXIMIZE;
+  o.masked_dont_move = flags & MASKED_DONT_MOVE;
+  o.cautious_weight_decay = flags & CAUTIOUS_WEIGHT_DECAY;
+  o.stochastic = flags & STOCHASTIC;
+  o.block_size = block_size;
+  o.stage = std::max(block_size, STAGE);  // both powers of two: whole blocks per stage
+  return o;
+}
+
+}  // namespace
+
+extern "C" {
+
+// One Lion step for `count` tensors, in place. `steps` ([count, 2] fp32: step where aligned,
+// where not) comes from the cautious pre-pass, or is NULL without caution (both = lr).
+int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* steps,
+                          const float* scalars, int64_t flags, int64_t block_size,
+                          const float* codebook, const float* levels, int64_t num_threads) {
+  const Options o = options_of(scalars, flags, block_size);
+  const Tables t{codebook, levels};
+  const int64_t chunk = std::max(o.stage, CHUNK);
+  auto items = items_of(tensors, count, chunk);
+  run_parallel(items, num_threads, o.stage, [&](const Item& item, float* buffers) {
+    const int64_t* d = tensors + item.tensor * FIELDS;
+    float* p = buffers;
+    float* m = buffers + o.stage;
+    float* g = buffers + 2 * o.stage;
+    float aligned_step = steps ? steps[2 * item.tensor] : o.lr;
+    float misaligned_step = steps ? steps[2 * item.tensor + 1] : o.lr;
+    void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
+    int64_t param_key = o.stochastic ? d[PARAM_KEY] : -1;
+    int64_t momentum_key = o.stochastic ? d[MOMENTUM_KEY] : -1;
+    for (int64_t start = item.start; start < item.end; start += o.stage) {
+      int64_t n = std::min(o.stage, item.end - start);
+      load_grad(g, d, o, start, n);
+      load_momentum(m, d, o, start, n, t);
+      load(p, param, d[PARAM_DTYPE], start, n);
+      update(p, m, g, n, o, aligned_step, misaligned_step);
+      store(p, param, d[PARAM_DTYPE], start, n, param_key);
+      void* momentum = reinterpret_cast<void*>(d[MOMENTUM_PTR]);
+      if (d[FORMAT] == Q8) {
+        encode_8bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<float*>(d[ABSMAX_PTR]),
+                    o.block_size, start, n, t);
+      } else {
+        store(m, momentum, d[FORMAT] == MOMENTUM_BF16 ? BF16 : F32, start, n, momentum_key);
+      }
+    }
+  });
+  return 0;
+}
+
+// The cautious pre-pass: per tensor, #{u * g > 0} into counts[count] (reads momentum and grad).
+int64_t lion8bit_cpu_aligned_counts(const int64_t* tensors, int64_t count, const float* scalars,
+                                    int64_t flags, int64_t block_size, const float* codebook,
+                                    int64_t* counts, int64_t num_threads) {
+  const Options o = options_of(scalars, flags, block_size);
+  const Tables t{codebook, nullptr};
+  const int64_t chunk = std::max(o.stage, CHUNK);
+  auto items = items_of(tensors, count, chunk);
+  const float beta1 = o.beta1, one_minus_beta1 = o.one_minus_beta1;
+  std::vector<std::atomic<int64_t>> totals(count);
+  for (auto& total : totals) total.store(0);
+  run_parallel(items, num_threads, o.stage, [&](const Item& item, float* buffers) {
+    const int64_t* d = tensors + item.tensor * FIELDS;
+    float* m = buffers + o.stage;
+    float* g = buffers + 2 * o.stage;
+    int64_t aligned = 0;
+    for (int64_t start = item.start; start < item.end; start += o.stage) {
+      int64_t n = std::min(o.stage, item.end - start);
+      load_grad(g, d, o, start, n);
+      load_momentum(m, d, o, start, n, t);
+      int64_t stage_aligned = 0;
+      const float* __restrict gs = g;
+      const float* __restrict ms = m;
+      for (int64_t i = 0; i < n; ++i) {
+        float c = ms[i] * beta1 + gs[i] * one_minus_beta1;
+        float u = static_cast<float>((c > 0) - (c < 0));
+        stage_aligned += u * gs[i] > 0;
+      }
+      aligned += stage_aligned;
+    }
+    totals[item.tensor].fetch_add(aligned);
+  });
+  for (int64_t k = 0; k < count; ++k) counts[k] = totals[k].load();
+  return 0;
+}
+
+}  // extern "C"
