@@ -78,8 +78,11 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(cxx: str | None = None, directory: Path | None = None) -> Path:
-    """Path of the compiled library, compiling it if this machine has no cached build."""
+def build(cxx: str | None = None, directory: Path | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Path of the compiled library, compiling it if this machine has no cached build.
+
+    ``extra_flags`` go after the tuning flags (tests build a variant without AVX-512 this way).
+    """
     cxx = cxx or compiler()
     executable = shutil.which(cxx)
     if executable is None:
@@ -87,9 +90,9 @@ def build(cxx: str | None = None, directory: Path | None = None) -> Path:
     version = subprocess.run([executable, "--version"], capture_output=True, text=True).stdout
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    errors = []
+    reason = ""
     for tuning in TUNING:
-        flags = FLAGS + tuning
+        flags = FLAGS + tuning + tuple(extra_flags)
         key = hashlib.sha256(
             "\0".join([SOURCE.read_text(), executable, version, " ".join(flags), _cpu_identity()]).encode()
         ).hexdigest()[:16]
@@ -106,8 +109,12 @@ def build(cxx: str | None = None, directory: Path | None = None) -> Path:
             os.replace(partial, target)
             return target
         os.unlink(partial)
-        errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"])
-    raise BuildError(f"{cxx} failed to compile {SOURCE.name}: {errors[-1][0]}")
+        log = target.with_suffix(".log")
+        log.write_text(result.stderr)
+        lines = result.stderr.splitlines()
+        errors = [line for line in lines if "error" in line] or lines[-1:]
+        reason = f"{errors[0].strip() if errors else f'exit code {result.returncode}'} (log: {log})"
+    raise BuildError(f"{cxx} failed to compile {SOURCE.name}: {reason}")
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -125,8 +132,9 @@ def library() -> ctypes.CDLL | None:
     try:
         return load(build())
     except (BuildError, OSError) as error:
+        reason = " ".join(str(error).split())  # one line
         warnings.warn(
-            f"lion8bit: the fused CPU kernel is unavailable ({error}); "
+            f"lion8bit: the fused CPU kernel is unavailable ({reason}); "
             'backend="cpu" runs the reference path instead (correct, slower)',
             RuntimeWarning,
             stacklevel=2,
