@@ -410,8 +410,13 @@ std::vector<Item> items_of(const int64_t* tensors, int64_t count, int64_t chunk)
   return items;
 }
 
+// Runs work(item, buffers) for every item on up to num_threads threads (this one included),
+// one thread per CHUNK elements at most: starting a thread costs ~50 us, the work of 15K elements.
 template <typename Work>
 void run_parallel(const std::vector<Item>& items, int64_t num_threads, int64_t stage, Work work) {
+  int64_t elements = 0;
+  for (const Item& item : items) elements += item.end - item.start;
+  num_threads = std::min(num_threads, std::max<int64_t>(1, elements / CHUNK));
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
     std::vector<float> buffers(4 * stage);
