@@ -391,7 +391,7 @@ void update(float* __restrict p, float* __restrict m, const float* __restrict g,
   }
 }
 
-void update(float* p, float* m, const float* g, int64_t n, const Options& o, bool cautious,
+void update(float* __restrict p, float* __restrict m, const float* __restrict g, int64_t n, const Options& o, bool cautious,
             float aligned_step, float misaligned_step) {
   if (cautious && o.cautious_weight_decay) return update<true, true>(p, m, g, n, o, aligned_step, misaligned_step);
   if (cautious) return update<true, false>(p, m, g, n, o, aligned_step, misaligned_step);
@@ -470,21 +470,28 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
     float aligned_step = steps ? steps[2 * item.tensor] : o.lr;
     float misaligned_step = steps ? steps[2 * item.tensor + 1] : o.lr;
     void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
+    void* momentum = reinterpret_cast<void*>(d[MOMENTUM_PTR]);
     int64_t param_key = o.stochastic ? d[PARAM_KEY] : -1;
     int64_t momentum_key = o.stochastic ? d[MOMENTUM_KEY] : -1;
+    // fp32 params, grads and momentum are updated where they are (saves 0.2 of ~1.5 ns per
+    // element in copies); other dtypes and formats go through the stage buffers.
+    const bool param_in_place = d[PARAM_DTYPE] == F32, momentum_in_place = d[FORMAT] == MOMENTUM_F32;
+    const bool grad_in_place = d[GRAD_DTYPE] == F32 && !o.maximize;
     for (int64_t start = item.start; start < item.end; start += o.stage) {
       int64_t n = std::min(o.stage, item.end - start);
-      load_grad(g, d, o, start, n);
-      load_momentum(m, d, o, start, n, t);
-      load(p, param, d[PARAM_DTYPE], start, n);
-      update(p, m, g, n, o, steps != nullptr, aligned_step, misaligned_step);
-      store(p, param, d[PARAM_DTYPE], start, n, param_key);
-      void* momentum = reinterpret_cast<void*>(d[MOMENTUM_PTR]);
+      float* ps = param_in_place ? static_cast<float*>(param) + start : p;
+      float* ms = momentum_in_place ? static_cast<float*>(momentum) + start : m;
+      const float* gs = grad_in_place ? reinterpret_cast<const float*>(d[GRAD_PTR]) + start : g;
+      if (!grad_in_place) load_grad(g, d, o, start, n);
+      if (!momentum_in_place) load_momentum(m, d, o, start, n, t);
+      if (!param_in_place) load(p, param, d[PARAM_DTYPE], start, n);
+      update(ps, ms, gs, n, o, steps != nullptr, aligned_step, misaligned_step);
+      if (!param_in_place) store(p, param, d[PARAM_DTYPE], start, n, param_key);
       if (d[FORMAT] == Q8) {
         encode_8bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<float*>(d[ABSMAX_PTR]),
                     inverses, o.block_size, start, n, t);
-      } else {
-        store(m, momentum, d[FORMAT] == MOMENTUM_BF16 ? BF16 : F32, start, n, momentum_key);
+      } else if (!momentum_in_place) {
+        store(m, momentum, BF16, start, n, momentum_key);
       }
     }
   });
