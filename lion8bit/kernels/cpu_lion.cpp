@@ -275,7 +275,7 @@ inline void quantize(const float* __restrict x, uint8_t* __restrict out, int64_t
                level6d = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 48);
   const __m512 top = _mm512_set1_ps(levels[TOP]);
   const __m512i one = _mm512_set1_epi32(1), bit5 = _mm512_set1_epi32(32),
-                magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
+                magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
   // One level: n = 2n + (|x| > threshold).
   auto descend = [&](__m512i n, __m512 magnitude, __m512 threshold) {
     __m512i twice = _mm512_add_epi32(n, n);
@@ -297,15 +297,14 @@ inline void quantize(const float* __restrict x, uint8_t* __restrict out, int64_t
                                                    _mm512_permutex2var_ps(level6a, n, level6b),
                                                    _mm512_permutex2var_ps(level6c, n, level6d)));
     n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(magnitude, top, _CMP_GT_OQ), n, one);
-    // code_of, lane-wise.
-    n = _mm512_max_epi32(n, one);
-    __m512i code = _mm512_mask_blend_epi32(
-        _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512()), _mm512_add_epi32(n, _mm512_set1_epi32(127)),
-        _mm512_sub_epi32(_mm512_set1_epi32(127), _mm512_min_epi32(n, _mm512_set1_epi32(127))));
-    code = _mm512_mask_mov_epi32(code, _mm512_cmpeq_epi32_mask(magnitude_bits, _mm512_setzero_si512()),
-                                 _mm512_set1_epi32(127));
-    code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epi32_mask(magnitude_bits, _mm512_set1_epi32(0x7F800000)),
-                                 _mm512_set1_epi32(255));
+    // code_of, lane-wise, in integer arithmetic (no compares: they all queue for port 5 with the
+    // permutes). n = max(n, 1) for x != 0 (the sign rule), 0 for x = 0; 127 +- n by the sign,
+    // at least 0; all ones (255 once packed) for NaN.
+    __m512i negative = _mm512_srai_epi32(bits, 31);
+    n = _mm512_max_epi32(n, _mm512_min_epu32(magnitude_bits, one));
+    __m512i code = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(n, negative), negative), _mm512_set1_epi32(127));
+    code = _mm512_max_epi32(code, _mm512_setzero_si512());
+    code = _mm512_or_si512(code, _mm512_srai_epi32(_mm512_sub_epi32(infinity, magnitude_bits), 31));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code));
   }
 #endif
