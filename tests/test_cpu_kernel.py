@@ -189,6 +189,18 @@ def test_non_contiguous_params_grads_and_state(kernel, fmt):
     step_both(params, grads, entries, formats, group_of(0.3, 0.5, True, False, True, True))
 
 
+@pytest.mark.parametrize("sr", [False, True])
+def test_non_finite_values_as_in_the_reference(kernel, sr):
+    """NaN and +-inf in grads and params: same bits, NaN payloads of torch's conversions included."""
+    generator = torch.Generator().manual_seed(5)
+    params, grads, entries, formats = batch([300, 5000], generator)
+    for grad in grads:
+        grad[7], grad[8], grad[9] = float("nan"), float("inf"), float("-inf")
+    for param in params:
+        param[11], param[12], param[13] = float("nan"), float("inf"), float("-inf")
+    step_both(params, grads, entries, formats, group_of(0.3, 0.5, True, False, False, sr))
+
+
 def test_zero_size_tensors_are_skipped(kernel):
     generator = torch.Generator().manual_seed(3)
     params, grads, entries, formats = batch([0, 300, 0], generator, pairings=PAIRINGS[:1], formats=["8bit"])

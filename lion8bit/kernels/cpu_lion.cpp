@@ -93,11 +93,12 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// torch's fp32 -> bf16 (c10 round_to_nearest_even); NaN -> canonical quiet NaN.
+// torch's fp32 -> bf16: round to nearest even; NaN -> 0xFFFF, as ATen's vectorized conversion
+// writes it (torch 2.13, AVX2 and AVX-512; its scalar c10 path writes 0x7FC0).
 inline uint16_t bf16_nearest(float x) {
   uint32_t b = float_bits(x);
   uint16_t rounded = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-  return x != x ? 0x7FC0 : rounded;
+  return x != x ? 0xFFFF : rounded;
 }
 
 // lion8bit.quant.round_to_bf16 with bits: add the top 16 random bits below the kept bits.
