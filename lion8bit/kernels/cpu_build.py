@@ -39,15 +39,15 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off
 # without it (some non-x86 ones) build the portable variant.
 TUNING = (("-march=native",), ())
 
-_INT64_P = ctypes.POINTER(ctypes.c_int64)
-_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+INT64_P = ctypes.POINTER(ctypes.c_int64)
+FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _SIGNATURES = {
     "lion8bit_cpu_step": (
-        _INT64_P, ctypes.c_int64, _FLOAT_P, _FLOAT_P, ctypes.c_int64, ctypes.c_int64,
-        _FLOAT_P, _FLOAT_P, ctypes.c_int64,
+        INT64_P, ctypes.c_int64, FLOAT_P, FLOAT_P, ctypes.c_int64, ctypes.c_int64,
+        FLOAT_P, FLOAT_P, ctypes.c_int64,
     ),
     "lion8bit_cpu_aligned_counts": (
-        _INT64_P, ctypes.c_int64, _FLOAT_P, ctypes.c_int64, ctypes.c_int64, _FLOAT_P, _INT64_P,
+        INT64_P, ctypes.c_int64, FLOAT_P, ctypes.c_int64, ctypes.c_int64, FLOAT_P, INT64_P,
         ctypes.c_int64,
     ),
 }

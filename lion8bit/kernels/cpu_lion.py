@@ -157,9 +157,9 @@ def cpu_aligned_counts(
     if batch.indices:
         step_scalars = _scalars(scalars)  # referenced until the call returns
         library.lion8bit_cpu_aligned_counts(
-            _pointer(batch.descriptors, cpu_build._INT64_P), len(batch.indices),
-            _pointer(step_scalars, cpu_build._FLOAT_P), _flags(scalars, False), block_size,
-            _pointer(quant.codebook(), cpu_build._FLOAT_P), _pointer(found, cpu_build._INT64_P),
+            _pointer(batch.descriptors, cpu_build.INT64_P), len(batch.indices),
+            _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, False), block_size,
+            _pointer(quant.codebook(), cpu_build.FLOAT_P), _pointer(found, cpu_build.INT64_P),
             torch.get_num_threads(),
         )
         counts[batch.indices] = found
@@ -193,11 +193,11 @@ def cpu_lion_step(
         steps = torch.stack([cautious_steps[i] for i in batch.indices]).float().contiguous()
     step_scalars = _scalars(scalars)  # referenced until the call returns
     library.lion8bit_cpu_step(
-        _pointer(batch.descriptors, cpu_build._INT64_P), len(batch.indices),
-        None if steps is None else _pointer(steps, cpu_build._FLOAT_P),
-        _pointer(step_scalars, cpu_build._FLOAT_P), _flags(scalars, stochastic_rounding),
-        block_size, _pointer(quant.codebook(), cpu_build._FLOAT_P),
-        _pointer(requantizer_levels(), cpu_build._FLOAT_P), torch.get_num_threads(),
+        _pointer(batch.descriptors, cpu_build.INT64_P), len(batch.indices),
+        None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
+        _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, stochastic_rounding),
+        block_size, _pointer(quant.codebook(), cpu_build.FLOAT_P),
+        _pointer(requantizer_levels(), cpu_build.FLOAT_P), torch.get_num_threads(),
     )
     batch.finish()
     for param in params:
