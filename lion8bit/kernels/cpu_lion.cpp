@@ -4,13 +4,16 @@
 // lion8bit/kernels/cpu_lion.py. It must be bit-identical to reference.py, so:
 // - compiled with -ffp-contract=off and without -ffast-math: the spec rounds both products of
 //   beta1*m + (1-beta1)*g before the sum, and an FMA would change the last bit;
-// - every fp32 operation of the reference is done here in the same order, on fp32 values.
+// - every fp32 operation of the reference is done here in the same order, on fp32 values, and
+//   the requantizer returns exactly quant.nearest_codes.
 //
-// Work is split into chunks of whole absmax blocks, taken from a shared counter by
-// `num_threads` std::threads. Within a chunk, STAGE elements at a time are staged in fp32
-// buffers (L1-resident) between simple loops the compiler vectorizes: load and convert, the
-// update, store and round, requantize. Memory is touched once: each element's param, grad and
-// momentum are read once and written once.
+// Work is split into chunks of whole absmax blocks, taken from a shared counter by up to
+// `num_threads` std::threads. Within a chunk, STAGE elements at a time go through simple loops
+// the compiler vectorizes (load and convert, the update, store and round), staged in fp32
+// buffers in L1 where a dtype or the 8-bit format needs converting, in place for fp32 tensors.
+// The 8-bit (de)quantization uses AVX-512 permutes where the compiler targets AVX-512, and
+// portable loops elsewhere. Each element's param, grad and momentum are read once and written
+// once.
 
 #include <algorithm>
 #include <atomic>
@@ -39,7 +42,7 @@ enum Scalar : int64_t { BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, DECAY, L
 // Option flags.
 enum Flag : int64_t { MAXIMIZE = 1, MASKED_DONT_MOVE = 2, CAUTIOUS_WEIGHT_DECAY = 4, STOCHASTIC = 8 };
 
-// Elements staged in fp32 between loops: 3 buffers x 4 KiB stay in a 48 KiB L1d.
+// Elements staged in fp32 between loops: 4 buffers x 4 KiB stay in a 48 KiB L1d.
 constexpr int64_t STAGE = 1024;
 // Elements per unit of work a thread takes (at least one stage): 64K elements are ~0.1 ms of
 // work, so the shared counter is touched rarely, and two threads finish within one chunk of each
