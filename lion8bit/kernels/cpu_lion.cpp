@@ -222,97 +222,114 @@ inline void store(const float* __restrict in, void* base, int64_t dtype, int64_t
   }
 }
 
+#if defined(__AVX512F__)
+// The codebook and the requantizer's search levels in registers, and 16 lanes at a time of
+// the two table operations. No gathers: they are microcoded on CPUs with the Gather Data
+// Sampling mitigation, and measured no faster here (0.16 vs 0.22 ns per element).
+struct Registers {
+  __m512 codebook[16];  // 8 pairs: two-source permutes pick within 32 values
+  __m512 level0, level1, level2, level3, level4, level5a, level5b, level6a, level6b, level6c,
+      level6d, top;
+
+  explicit Registers(const Tables& t) {
+    for (int k = 0; k < 16; ++k) codebook[k] = _mm512_loadu_ps(t.codebook + 16 * k);
+    const float* levels = t.levels;
+    level0 = _mm512_set1_ps(levels[LEVEL_OFFSET[0]]);
+    level1 = _mm512_loadu_ps(levels + LEVEL_OFFSET[1]);
+    level2 = _mm512_loadu_ps(levels + LEVEL_OFFSET[2]);
+    level3 = _mm512_loadu_ps(levels + LEVEL_OFFSET[3]);
+    level4 = _mm512_loadu_ps(levels + LEVEL_OFFSET[4]);
+    level5a = _mm512_loadu_ps(levels + LEVEL_OFFSET[5]);
+    level5b = _mm512_loadu_ps(levels + LEVEL_OFFSET[5] + 16);
+    level6a = _mm512_loadu_ps(levels + LEVEL_OFFSET[6]);
+    level6b = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 16);
+    level6c = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 32);
+    level6d = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 48);
+    top = _mm512_set1_ps(levels[TOP]);
+  }
+};
+
+// Code values of 16 codes: index bits 5-7 choose the register pair.
+inline __m512 code_values(const uint8_t* codes, const Registers& r) {
+  __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  __mmask16 b5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32)),
+            b6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64)),
+            b7 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(128));
+  const __m512* t = r.codebook;
+  __m512 v0 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[0], index, t[1]), _mm512_permutex2var_ps(t[2], index, t[3]));
+  __m512 v1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[4], index, t[5]), _mm512_permutex2var_ps(t[6], index, t[7]));
+  __m512 v2 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[8], index, t[9]), _mm512_permutex2var_ps(t[10], index, t[11]));
+  __m512 v3 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[12], index, t[13]), _mm512_permutex2var_ps(t[14], index, t[15]));
+  return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, v0, v1), _mm512_mask_blend_ps(b6, v2, v3));
+}
+
+// One search level: n = 2n + (|x| > threshold).
+inline __m512i descend(__m512i n, __m512 magnitude, __m512 threshold) {
+  __m512i twice = _mm512_add_epi32(n, n);
+  return _mm512_mask_add_epi32(twice, _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ), twice,
+                               _mm512_set1_epi32(1));
+}
+
+// nearest_code of 16 values: levels 0-4 by one-register permutes, level 5 by a two-source
+// permute, level 6 by two and a blend (0.5 ns per element measured, against 0.9 for an
+// exponent-keyed table with gathers and neighbour checks).
+inline __m128i nearest_codes16(__m512 value, const Registers& r) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i bits = _mm512_castps_si512(value);
+  __m512i magnitude_bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
+  __m512i n = _mm512_setzero_si512();
+  n = descend(n, magnitude, r.level0);
+  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level1));
+  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level2));
+  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level3));
+  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level4));
+  n = descend(n, magnitude, _mm512_permutex2var_ps(r.level5a, n, r.level5b));
+  n = descend(n, magnitude, _mm512_mask_blend_ps(_mm512_test_epi32_mask(n, _mm512_set1_epi32(32)),
+                                                 _mm512_permutex2var_ps(r.level6a, n, r.level6b),
+                                                 _mm512_permutex2var_ps(r.level6c, n, r.level6d)));
+  n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(magnitude, r.top, _CMP_GT_OQ), n, one);
+  // code_of, lane-wise, in integer arithmetic (no compares: they all queue for port 5 with the
+  // permutes). n = max(n, 1) for x != 0 (the sign rule), 0 for x = 0; 127 +- n by the sign, at
+  // least 0; all ones (255 once packed) for NaN.
+  __m512i negative = _mm512_srai_epi32(bits, 31);
+  n = _mm512_max_epi32(n, _mm512_min_epu32(magnitude_bits, one));
+  __m512i code = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(n, negative), negative),
+                                  _mm512_set1_epi32(127));
+  code = _mm512_max_epi32(code, _mm512_setzero_si512());
+  code = _mm512_or_si512(code, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_set1_epi32(0x7F800000), magnitude_bits), 31));
+  return _mm512_cvtepi32_epi8(code);
+}
+#endif
+
 // Dequantize: code value * absmax of its block (one fp32 multiply, quant.dequantize_blockwise).
 // Element i's block is i >> shift (blocks of 16 or more never split a 16-lane vector).
 inline void dequantize(float* __restrict out, const uint8_t* __restrict codes, int64_t count,
-                       const float* __restrict scales, int shift, const float* __restrict codebook) {
+                       const float* __restrict scales, int shift, const Tables& t) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   const int64_t vectors = shift < 4 ? 0 : count;  // blocks under 16 elements: the scalar loop
-  // The 256-entry codebook as 8 pairs of registers: two-source permutes pick within 32 values,
-  // index bits 5-7 choose the pair. No gathers: they are microcoded on CPUs with the Gather
-  // Data Sampling mitigation, and measured no faster here (0.16 vs 0.22 ns per element).
-  const __m512 t0 = _mm512_loadu_ps(codebook), t1 = _mm512_loadu_ps(codebook + 16),
-               t2 = _mm512_loadu_ps(codebook + 32), t3 = _mm512_loadu_ps(codebook + 48),
-               t4 = _mm512_loadu_ps(codebook + 64), t5 = _mm512_loadu_ps(codebook + 80),
-               t6 = _mm512_loadu_ps(codebook + 96), t7 = _mm512_loadu_ps(codebook + 112),
-               t8 = _mm512_loadu_ps(codebook + 128), t9 = _mm512_loadu_ps(codebook + 144),
-               t10 = _mm512_loadu_ps(codebook + 160), t11 = _mm512_loadu_ps(codebook + 176),
-               t12 = _mm512_loadu_ps(codebook + 192), t13 = _mm512_loadu_ps(codebook + 208),
-               t14 = _mm512_loadu_ps(codebook + 224), t15 = _mm512_loadu_ps(codebook + 240);
-  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64), bit7 = _mm512_set1_epi32(128);
-  for (; i + 16 <= vectors; i += 16) {
-    __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    __mmask16 b5 = _mm512_test_epi32_mask(index, bit5), b6 = _mm512_test_epi32_mask(index, bit6),
-              b7 = _mm512_test_epi32_mask(index, bit7);
-    __m512 v0 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t0, index, t1), _mm512_permutex2var_ps(t2, index, t3));
-    __m512 v1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t4, index, t5), _mm512_permutex2var_ps(t6, index, t7));
-    __m512 v2 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t8, index, t9), _mm512_permutex2var_ps(t10, index, t11));
-    __m512 v3 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t12, index, t13), _mm512_permutex2var_ps(t14, index, t15));
-    __m512 value = _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, v0, v1), _mm512_mask_blend_ps(b6, v2, v3));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(value, _mm512_set1_ps(scales[i >> shift])));
-  }
+  const Registers r(t);
+  for (; i + 16 <= vectors; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(code_values(codes + i, r), _mm512_set1_ps(scales[i >> shift])));
 #endif
-  for (; i < count; ++i) out[i] = codebook[codes[i]] * scales[i >> shift];
+  for (; i < count; ++i) out[i] = t.codebook[codes[i]] * scales[i >> shift];
 }
 
 // Codes of x * inverse: nearest code, ties toward zero, the sign rule (quant.nearest_codes).
 // Element i's inverse is inverses[i >> shift].
 inline void quantize(const float* __restrict x, uint8_t* __restrict out, int64_t count,
-                     const float* __restrict inverses, int shift, const float* __restrict levels) {
+                     const float* __restrict inverses, int shift, const Tables& t) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   const int64_t vectors = shift < 4 ? 0 : count;  // blocks under 16 elements: the scalar loop
-  // The search with levels in registers: levels 0-4 by one-register permutes, level 5 by a
-  // two-source permute, level 6 by two and a blend (0.5 ns per element measured, against 0.9 for
-  // an exponent-keyed table with gathers and neighbour checks).
-  const __m512 level0 = _mm512_set1_ps(levels[LEVEL_OFFSET[0]]),
-               level1 = _mm512_loadu_ps(levels + LEVEL_OFFSET[1]),
-               level2 = _mm512_loadu_ps(levels + LEVEL_OFFSET[2]),
-               level3 = _mm512_loadu_ps(levels + LEVEL_OFFSET[3]),
-               level4 = _mm512_loadu_ps(levels + LEVEL_OFFSET[4]),
-               level5a = _mm512_loadu_ps(levels + LEVEL_OFFSET[5]),
-               level5b = _mm512_loadu_ps(levels + LEVEL_OFFSET[5] + 16),
-               level6a = _mm512_loadu_ps(levels + LEVEL_OFFSET[6]),
-               level6b = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 16),
-               level6c = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 32),
-               level6d = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 48);
-  const __m512 top = _mm512_set1_ps(levels[TOP]);
-  const __m512i one = _mm512_set1_epi32(1), bit5 = _mm512_set1_epi32(32),
-                magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
-  // One level: n = 2n + (|x| > threshold).
-  auto descend = [&](__m512i n, __m512 magnitude, __m512 threshold) {
-    __m512i twice = _mm512_add_epi32(n, n);
-    return _mm512_mask_add_epi32(twice, _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ), twice, one);
-  };
+  const Registers r(t);
   for (; i + 16 <= vectors; i += 16) {
     __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverses[i >> shift]));
-    __m512i bits = _mm512_castps_si512(value);
-    __m512i magnitude_bits = _mm512_and_si512(bits, magnitude_mask);
-    __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
-    __m512i n = _mm512_setzero_si512();
-    n = descend(n, magnitude, level0);
-    n = descend(n, magnitude, _mm512_permutexvar_ps(n, level1));
-    n = descend(n, magnitude, _mm512_permutexvar_ps(n, level2));
-    n = descend(n, magnitude, _mm512_permutexvar_ps(n, level3));
-    n = descend(n, magnitude, _mm512_permutexvar_ps(n, level4));
-    n = descend(n, magnitude, _mm512_permutex2var_ps(level5a, n, level5b));
-    n = descend(n, magnitude, _mm512_mask_blend_ps(_mm512_test_epi32_mask(n, bit5),
-                                                   _mm512_permutex2var_ps(level6a, n, level6b),
-                                                   _mm512_permutex2var_ps(level6c, n, level6d)));
-    n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(magnitude, top, _CMP_GT_OQ), n, one);
-    // code_of, lane-wise, in integer arithmetic (no compares: they all queue for port 5 with the
-    // permutes). n = max(n, 1) for x != 0 (the sign rule), 0 for x = 0; 127 +- n by the sign,
-    // at least 0; all ones (255 once packed) for NaN.
-    __m512i negative = _mm512_srai_epi32(bits, 31);
-    n = _mm512_max_epi32(n, _mm512_min_epu32(magnitude_bits, one));
-    __m512i code = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(n, negative), negative), _mm512_set1_epi32(127));
-    code = _mm512_max_epi32(code, _mm512_setzero_si512());
-    code = _mm512_or_si512(code, _mm512_srai_epi32(_mm512_sub_epi32(infinity, magnitude_bits), 31));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), nearest_codes16(value, r));
   }
 #endif
-  for (; i < count; ++i) out[i] = nearest_code(x[i] * inverses[i >> shift], levels);
+  for (; i < count; ++i) out[i] = nearest_code(x[i] * inverses[i >> shift], t.levels);
 }
 
 inline int log2(int64_t power_of_two) { return __builtin_ctzll(static_cast<uint64_t>(power_of_two)); }
@@ -320,7 +337,7 @@ inline int log2(int64_t power_of_two) { return __builtin_ctzll(static_cast<uint6
 // A stage of codes (whole blocks from `start`, a multiple of block_size) to fp32 values.
 inline void decode_8bit(float* out, const uint8_t* codes, const float* absmax, int64_t block_size,
                         int64_t start, int64_t n, const Tables& t) {
-  dequantize(out, codes + start, n, absmax + start / block_size, log2(block_size), t.codebook);
+  dequantize(out, codes + start, n, absmax + start / block_size, log2(block_size), t);
 }
 
 // A stage of whole blocks: absmax, x * (1/absmax), nearest codes (quant.quantize_blockwise).
@@ -341,7 +358,7 @@ inline void encode_8bit(const float* in, uint8_t* codes, float* absmax, float* i
     inverses[block] = peak > 0 ? 1.0f / peak : 0.0f;
     absmax[start / block_size + block] = peak;
   }
-  quantize(in, codes + start, n, inverses, log2(block_size), t.levels);
+  quantize(in, codes + start, n, inverses, log2(block_size), t);
 }
 
 inline void load_momentum(float* out, const int64_t* d, const Options& o, int64_t start, int64_t n,
@@ -401,6 +418,105 @@ void update(float* __restrict p, float* __restrict m, const float* __restrict g,
   if (o.cautious_weight_decay) return update<false, true>(p, m, g, n, o, aligned_step, misaligned_step);
   return update<false, false>(p, m, g, n, o, aligned_step, misaligned_step);
 }
+
+#if defined(__AVX512F__)
+// 16 fp32 values of an fp32 or bf16 tensor from element i.
+inline __m512 load16(const void* base, int64_t dtype, int64_t i) {
+  if (dtype == F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// mix32 on 16 lanes.
+inline __m512i mix32_16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Store 16 values to an fp32 or bf16 tensor at element i: bf16_nearest, or bf16_stochastic with
+// these random bits.
+inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochastic, __m512i random) {
+  if (dtype == F32) return _mm512_storeu_ps(static_cast<float*>(base) + i, x);
+  const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
+  __m512i half = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
+  half = _mm512_mask_mov_epi32(half, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  if (stochastic) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+    half = _mm512_mask_mov_epi32(half, finite, _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_srli_epi32(random, 16)), 16));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), _mm512_cvtepi32_epi16(half));
+}
+
+// The 8-bit step on whole blocks [start, end) of fp32 or bf16 params and grads, 16 lanes at a
+// time: update() then encode_8bit(), the same operations in the same order, without staging
+// every value in L1 between passes (39 vs 52 ms measured on 64M bf16 elements, 2 threads).
+// `buffer` holds one block of the new momentum until its absmax is known.
+void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int64_t start,
+                       int64_t end, bool cautious, float aligned_step, float misaligned_step,
+                       int64_t param_key, float* buffer) {
+  const Registers r(t);
+  void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
+  const void* grad = reinterpret_cast<const void*>(d[GRAD_PTR]);
+  uint8_t* codes = reinterpret_cast<uint8_t*>(d[MOMENTUM_PTR]);
+  float* absmax = reinterpret_cast<float*>(d[ABSMAX_PTR]);
+  const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE];
+  const bool stochastic = param_key >= 0 && param_dtype == BF16;
+  const __m512 beta1 = _mm512_set1_ps(o.beta1), one_minus_beta1 = _mm512_set1_ps(o.one_minus_beta1),
+               beta2 = _mm512_set1_ps(o.beta2), one_minus_beta2 = _mm512_set1_ps(o.one_minus_beta2),
+               decay = _mm512_set1_ps(o.decay), aligned = _mm512_set1_ps(aligned_step),
+               misaligned = _mm512_set1_ps(misaligned_step), zero = _mm512_setzero_ps();
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)),
+                unit = _mm512_set1_epi32(0x3F800000), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
+                lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = start; b < end; b += o.block_size) {
+    const __m512 scale = _mm512_set1_ps(absmax[b / o.block_size]);
+    // Blocks are aligned runs of a power-of-two size: none straddles a 2**32 boundary.
+    const __m512i element_key = _mm512_set1_epi32(static_cast<int32_t>(
+        mix32(static_cast<uint32_t>(param_key) ^ static_cast<uint32_t>(b >> 32))));
+    __m512i peak = _mm512_setzero_si512();
+    for (int64_t v = 0; v < o.block_size; v += 16) {
+      const int64_t i = b + v;
+      __m512 g = load16(grad, grad_dtype, i);
+      if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
+      __m512 m = _mm512_mul_ps(code_values(codes + i, r), scale);
+      __m512 p = load16(param, param_dtype, i);
+      __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
+      __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
+          _mm512_cmp_ps_mask(c, zero, _CMP_NEQ_OQ),
+          _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), sign_bit), unit)));
+      __m512 step = aligned, direction = u;
+      if (cautious) {
+        __mmask16 agree = _mm512_cmp_ps_mask(_mm512_mul_ps(u, g), zero, _CMP_GT_OQ);
+        step = _mm512_mask_blend_ps(agree, misaligned, aligned);
+        if (o.masked_dont_move) direction = _mm512_maskz_mov_ps(agree, u);
+      }
+      __m512 decayed = _mm512_mul_ps(p, decay);
+      if (o.cautious_weight_decay)
+        decayed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(direction, p), zero, _CMP_GE_OQ), p, decayed);
+      p = _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
+      __m512i random = _mm512_setzero_si512();
+      if (stochastic)
+        random = mix32_16(_mm512_xor_si512(
+            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(i))), lanes), element_key));
+      store16(param, param_dtype, i, p, stochastic, random);
+      m = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
+      _mm512_storeu_ps(buffer + v, m);
+      peak = _mm512_max_epu32(peak, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
+    }
+    const float top = bits_float(_mm512_reduce_max_epu32(peak));
+    const __m512 inverse = _mm512_set1_ps(top > 0 ? 1.0f / top : 0.0f);
+    absmax[b / o.block_size] = top;
+    for (int64_t v = 0; v < o.block_size; v += 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b + v),
+                       nearest_codes16(_mm512_mul_ps(_mm512_loadu_ps(buffer + v), inverse), r));
+  }
+}
+#endif
 
 // Items of whole blocks (whole stages) covering every tensor.
 std::vector<Item> items_of(const int64_t* tensors, int64_t count, int64_t chunk) {
@@ -476,11 +592,21 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
     void* momentum = reinterpret_cast<void*>(d[MOMENTUM_PTR]);
     int64_t param_key = o.stochastic ? d[PARAM_KEY] : -1;
     int64_t momentum_key = o.stochastic ? d[MOMENTUM_KEY] : -1;
+    const bool cautious = steps != nullptr;
+    int64_t staged_from = item.start;
+#if defined(__AVX512F__)
+    if (d[FORMAT] == Q8 && o.block_size >= 16 && d[PARAM_DTYPE] != F16 && d[GRAD_DTYPE] != F16) {
+      // Whole blocks here; a tensor's partial last block goes through the stages below.
+      staged_from = item.start + (item.end - item.start) / o.block_size * o.block_size;
+      step_8bit_vectors(d, o, t, item.start, staged_from, cautious, aligned_step, misaligned_step,
+                        param_key, buffers);
+    }
+#endif
     // fp32 params, grads and momentum are updated where they are (saves 0.2 of ~1.5 ns per
     // element in copies); other dtypes and formats go through the stage buffers.
     const bool param_in_place = d[PARAM_DTYPE] == F32, momentum_in_place = d[FORMAT] == MOMENTUM_F32;
     const bool grad_in_place = d[GRAD_DTYPE] == F32 && !o.maximize;
-    for (int64_t start = item.start; start < item.end; start += o.stage) {
+    for (int64_t start = staged_from; start < item.end; start += o.stage) {
       int64_t n = std::min(o.stage, item.end - start);
       float* ps = param_in_place ? static_cast<float*>(param) + start : p;
       float* ms = momentum_in_place ? static_cast<float*>(momentum) + start : m;
@@ -488,7 +614,7 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
       if (!grad_in_place) load_grad(g, d, o, start, n);
       if (!momentum_in_place) load_momentum(m, d, o, start, n, t);
       if (!param_in_place) load(p, param, d[PARAM_DTYPE], start, n);
-      update(ps, ms, gs, n, o, steps != nullptr, aligned_step, misaligned_step);
+      update(ps, ms, gs, n, o, cautious, aligned_step, misaligned_step);
       if (!param_in_place) store(p, param, d[PARAM_DTYPE], start, n, param_key);
       if (d[FORMAT] == Q8) {
         encode_8bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<float*>(d[ABSMAX_PTR]),
