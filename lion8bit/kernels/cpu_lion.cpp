@@ -11,9 +11,9 @@
 // `num_threads` std::threads. Within a chunk, STAGE elements at a time go through simple loops
 // the compiler vectorizes (load and convert, the update, store and round), staged in fp32
 // buffers in L1 where a dtype or the 8-bit format needs converting, in place for fp32 tensors.
-// The 8-bit (de)quantization uses AVX-512 permutes where the compiler targets AVX-512, and
-// portable loops elsewhere. Each element's param, grad and momentum are read once and written
-// once.
+// Where the compiler targets AVX-512, the 8-bit step of fp32 / bf16 tensors runs 16 lanes at a
+// time in registers (step_8bit_vectors) and (de)quantization uses permutes; portable loops
+// do the rest. Each element's param, grad and momentum are read once and written once.
 
 #include <algorithm>
 #include <atomic>
