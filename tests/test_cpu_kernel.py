@@ -242,12 +242,17 @@ def test_requantizer_search_levels_hold_every_threshold_once():
     assert torch.all(torch.nextafter(below, torch.tensor(2.0)).double() > thresholds)
 
 
-def test_device_is_checked():
+def test_device_and_dtype_are_checked():
+    scalars = lion_scalars(group_of(0, 1, 0, 0, 0, 0))
+    options = dict(scalars=scalars, block_size=256, stochastic_rounding=False, cautious_steps=None)
     param = torch.empty(4, device="meta")
     entry = {st.STEP: 1, st.MOMENTUM: torch.empty(4, device="meta")}
     with pytest.raises(ValueError, match='Invalid device for backend="cpu"'):
-        cpu_lion.cpu_lion_step([param], [param], [entry], ["fp32"], scalars=lion_scalars(group_of(0, 1, 0, 0, 0, 0)),
-                               block_size=256, stochastic_rounding=False, cautious_steps=None)
+        cpu_lion.cpu_lion_step([param], [param], [entry], ["fp32"], **options)
+    param = torch.zeros(4, dtype=torch.float64)
+    entry = {st.STEP: 1, st.MOMENTUM: torch.zeros(4)}
+    with pytest.raises(ValueError, match='Invalid dtype for backend="cpu"'):
+        cpu_lion.cpu_lion_step([param], [param], [entry], ["fp32"], **options)
 
 
 @pytest.mark.parametrize("compiler", ["/nonexistent/c++", "false"], ids=["missing", "failing"])

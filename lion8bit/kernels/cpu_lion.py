@@ -102,6 +102,8 @@ class _Batch:
         for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
             if param.device.type != "cpu" or grad.device.type != "cpu":
                 raise ValueError(f'Invalid device for backend="cpu": {param.device}')
+            if param.dtype not in _DTYPES or grad.dtype not in _DTYPES:
+                raise ValueError(f'Invalid dtype for backend="cpu": param {param.dtype}, grad {grad.dtype}')
             if param.numel() == 0:
                 continue
             if fmt == "8bit":
