@@ -201,6 +201,18 @@ def test_non_finite_values_as_in_the_reference(kernel, sr):
     step_both(params, grads, entries, formats, group_of(0.3, 0.5, True, False, False, sr))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sr", [False, True])
+def test_every_16_bit_param_value(kernel, dtype, sr):
+    """All 65536 bit patterns as params (subnormals, the largest finite values, infinities, NaN
+    payloads), decayed: the kernel's own fp16 / bf16 conversions against torch's."""
+    param = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).clone()
+    entry = {st.STEP: 3, st.SR_SEED: 7, **st.new_momentum(param, "bf16", quant.BLOCK_SIZE)}
+    grad = torch.randn(param.numel()).to(dtype)
+    grad[::2] = 0.0  # with zero momentum: u = 0, so the param is only decayed (and rounded)
+    step_both([param], [grad], [entry], ["bf16"], group_of(0.3, 1.0, False, False, False, sr))
+
+
 def test_zero_size_tensors_are_skipped(kernel):
     generator = torch.Generator().manual_seed(3)
     params, grads, entries, formats = batch([0, 300, 0], generator, pairings=PAIRINGS[:1], formats=["8bit"])

@@ -112,8 +112,7 @@ inline uint16_t bf16_stochastic(float x, uint32_t random) {
 }
 
 // fp16 <-> fp32 with integer and exact fp32 operations (GCC 12 does not vectorize _Float16
-// conversions): bit-identical to torch's IEEE conversions (round to nearest even) except for
-// NaN payloads.
+// conversions): bit-identical to torch's (round to nearest even), NaN payloads included.
 inline float fp16_to_float(uint16_t h) {
   uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent bias 15 -> 127 - 112
   // x 2**112 rebiases normal halves and makes subnormal ones (fp32 denormals here) normal: exact.
@@ -134,7 +133,8 @@ inline uint16_t fp16_nearest(float x) {
   // subnormal half step) in fp32's own round-to-nearest-even; its low bits count the steps.
   uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - float_bits(0.5f);
   uint32_t rounded = magnitude < (113u << 23) ? subnormal : normal;
-  rounded = magnitude > 0x7F800000u ? 0x7E00u : rounded;  // NaN
+  // NaN: quiet, with the top 10 payload bits, as vcvtps2ph (torch's conversion) keeps them.
+  rounded = magnitude > 0x7F800000u ? 0x7E00u | ((magnitude >> 13) & 0x3FFu) : rounded;
   return static_cast<uint16_t>(rounded) | sign;
 }
 
