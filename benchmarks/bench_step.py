@@ -1,0 +1,463 @@
+"""Optimizer step time on CPU: lion8bit against the optimizers it replaces, in one run.
+
+For each problem (one 16.8M- and one 64M-element tensor, a GPT-2-small-shaped model) and param
+dtype, every optimizer steps the same params and grads: lion8bit (8-bit, bf16 and fp32 state;
+backend "cpu", the fused kernel, and "torch", the reference, the latter on the 16.8M tensor only:
+it takes seconds per step), bitsandbytes.optim.Lion8bit, lion_pytorch.Lion and its foreach
+variant, torch.optim.AdamW (foreach). A GPT-2-shaped 279M-parameter model checks lion8bit's
+peak memory. Per optimizer: the first step (state creation and, for the fused kernel, loading
+it) on its own, then the median and p20/p80 of the next steps; the bytes the update must move
+(params read + written, grads read, state read + written); GB/s achieved; the ratio to the
+memory floor (those bytes / the bandwidth of a large in-memory copy, measured right before the
+optimizer's steps); the optimizer state's bytes; and how much the peak resident memory grows
+during one step (Linux: VmHWM after resetting it).
+
+The machine is shared and noisy: the headline figures are ratios within one run. Results go to
+a CSV (one row per optimizer and problem, with the machine, versions, time and load average)
+and a markdown table.
+
+    python benchmarks/bench_step.py            # the full run (~10 min on an idle 2-core machine)
+    python benchmarks/bench_step.py --quick    # a 1M-element smoke run, under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lion8bit import Lion
+from lion8bit.kernels import cpu_build
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 0.1
+MIB = 2**20
+
+
+# -- problems ------------------------------------------------------------------------------------
+
+
+def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024):
+    """Parameter shapes of GPT-2 (small: 12 layers of 768, 124.4M params in 148 tensors)."""
+    shapes = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+@dataclass
+class Problem:
+    name: str
+    shapes: list
+    dtype: torch.dtype
+    optimizers: list  # names from OPTIMIZERS
+    params: list = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(torch.Size(shape).numel() for shape in self.shapes)
+
+    def materialize(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.params = []
+        for shape in self.shapes:
+            param = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(self.dtype))
+            param.grad = (torch.randn(shape, generator=generator) * 1e-3).to(self.dtype)
+            self.params.append(param)
+
+    def release(self):
+        self.params = []
+        gc.collect()
+
+
+def _lion8bit(state, backend):
+    return lambda params: Lion(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, state=state, backend=backend)
+
+
+def _bitsandbytes(params):
+    import bitsandbytes as bnb
+
+    return bnb.optim.Lion8bit(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+
+def _lion_pytorch(params):
+    import lion_pytorch
+
+    return lion_pytorch.Lion(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+
+def _lion_pytorch_foreach(params):
+    from lion_pytorch.foreach import Lion as ForeachLion
+
+    return ForeachLion(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=True)
+
+
+# name -> (label, state, backend, factory)
+OPTIMIZERS = {
+    "lion8bit-cpu-8bit": ("lion8bit.Lion", "8bit", "cpu", _lion8bit("8bit", "cpu")),
+    "lion8bit-cpu-bf16": ("lion8bit.Lion", "bf16", "cpu", _lion8bit("bf16", "cpu")),
+    "lion8bit-cpu-fp32": ("lion8bit.Lion", "fp32", "cpu", _lion8bit("fp32", "cpu")),
+    "lion8bit-torch-8bit": ("lion8bit.Lion", "8bit", "torch", _lion8bit("8bit", "torch")),
+    "lion8bit-torch-bf16": ("lion8bit.Lion", "bf16", "torch", _lion8bit("bf16", "torch")),
+    "lion8bit-torch-fp32": ("lion8bit.Lion", "fp32", "torch", _lion8bit("fp32", "torch")),
+    "bitsandbytes": ("bitsandbytes.optim.Lion8bit", "8bit", "", _bitsandbytes),
+    "lion-pytorch": ("lion_pytorch.Lion", "param dtype", "", _lion_pytorch),
+    "lion-pytorch-foreach": ("lion_pytorch.foreach.Lion", "param dtype", "", _lion_pytorch_foreach),
+    "adamw-foreach": ("torch.optim.AdamW(foreach)", "param dtype x2", "", _adamw),
+}
+FUSED = [name for name in OPTIMIZERS if "-cpu-" in name]
+PEERS = ["bitsandbytes", "lion-pytorch", "lion-pytorch-foreach", "adamw-foreach"]
+REFERENCE = [name for name in OPTIMIZERS if "-torch-" in name]
+HEADLINE = "lion8bit-cpu-8bit"
+
+
+def problems(quick: bool) -> list[Problem]:
+    found = []
+    for dtype in (torch.float32, torch.bfloat16):
+        if quick:
+            found.append(Problem("tensor-1M", [(1024, 1024)], dtype, FUSED + REFERENCE + PEERS))
+            continue
+        found.append(Problem("tensor-16.8M", [(4096, 4096)], dtype, FUSED + REFERENCE + PEERS))
+        found.append(Problem("tensor-64M", [(8192, 8192)], dtype, FUSED + PEERS))
+        found.append(Problem("gpt2-small-124M", gpt2_shapes(), dtype, FUSED + PEERS))
+    if not quick:
+        # Bounded temporaries on a model of more than 256M params: 18 GPT-2-medium layers (width
+        # 1024) and the embeddings, 279M params in 220 tensors.
+        found.append(Problem("gpt2-279M", gpt2_shapes(layers=18, width=1024), torch.float32, [HEADLINE]))
+    return found
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+if LIBC is not None:
+    # A fixed mmap threshold: freed large buffers go back to the OS at once, so the resident
+    # size before a step is what is live (glibc otherwise raises the threshold after a free and
+    # keeps up to 32 MiB buffers in its heap, hiding a peer's temporaries from the next step).
+    LIBC.mallopt(-3, 1 * MIB)  # M_MMAP_THRESHOLD
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_growth_mib(step) -> float | None:
+    """Peak resident memory during step() above the resident memory before it (Linux)."""
+    gc.collect()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    step()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """GB/s (read + write) of copying a buffer larger than the last-level cache."""
+    source = torch.ones(nbytes // 4)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[1:]) / 1e9
+
+
+def state_bytes(optimizer) -> int:
+    return sum(
+        value.numel() * value.element_size()
+        for entry in optimizer.state.values()
+        for value in entry.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def measure(problem: Problem, name: str, steps: int) -> dict:
+    label, state_kind, backend, factory = OPTIMIZERS[name]
+    optimizer = factory(problem.params)
+    start = time.perf_counter()
+    optimizer.step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    growth = peak_growth_mib(optimizer.step)
+    param_bytes = sum(p.numel() * p.element_size() for p in problem.params)
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in problem.params)
+    state = state_bytes(optimizer)
+    del optimizer
+    gc.collect()
+    median = statistics.median(times)
+    moved = 2 * param_bytes + grad_bytes + 2 * state
+    return dict(
+        optimizer=name, implementation=label, state_kind=state_kind, backend=backend, state_bytes=state,
+        steps=steps, first_step_ms=first * 1e3, median_ms=median * 1e3,
+        p20_ms=percentile(times, 0.2) * 1e3, p80_ms=percentile(times, 0.8) * 1e3,
+        bytes_moved=moved, gbps=moved / median / 1e9, peak_growth_mib=growth,
+    )
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _llc() -> str:
+    try:
+        output = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in output.splitlines():
+            if line.startswith("L3 cache"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _memory() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return f"{int(line.split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def environment() -> dict:
+    memory = _memory()
+    return dict(
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {memory} RAM, L3 {_llc()})",
+        cpu=_cpu_model(),
+        threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=_version("triton"),
+        bitsandbytes=_version("bitsandbytes"),
+        lion_pytorch=_version("lion-pytorch"),
+        lion8bit=f"{_version('lion8bit')} ({_commit()})",
+    )
+
+
+def kernel_build_seconds() -> float:
+    """A fresh build of the fused kernel (what the first process on a machine pays once)."""
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        cpu_build.build(directory=Path(directory))
+        return time.perf_counter() - start
+
+
+# -- output --------------------------------------------------------------------------------------
+
+COLUMNS = [
+    "timestamp", "machine", "cpu", "threads", "python", "torch", "triton", "bitsandbytes", "lion_pytorch",
+    "lion8bit", "problem", "param_dtype", "numel", "tensors", "optimizer", "implementation", "state_kind",
+    "backend", "steps", "first_step_ms", "median_ms", "p20_ms", "p80_ms", "bytes_moved", "gbps",
+    "copy_gbps", "copy_mib", "floor_ms", "x_floor", "x_lion8bit", "state_bytes", "peak_growth_mib", "load_before",
+    "load_after", "kernel_build_s",
+]
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def write_csv(rows, path: Path):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: (f"{value:.4g}" if isinstance(value, float) else value) for key, value in row.items()})
+
+
+def _fmt(value, spec=".1f", missing="n/a"):
+    return missing if value is None else format(value, spec)
+
+
+def markdown(rows, env: dict, command: str) -> str:
+    lines = [
+        f"Measured {env['timestamp']} on {env['cpu']}, {env['machine']}, {env['threads']} threads; "
+        f"torch {env['torch']}, triton {env['triton']}, bitsandbytes {env['bitsandbytes']}, "
+        f"lion-pytorch {env['lion_pytorch']}, lion8bit {env['lion8bit']}. "
+        f"Fused kernel build (once per machine, then cached): {rows[0]['kernel_build_s']:.1f} s. "
+        f"Reproduce: `{command}`.",
+        "",
+        "Headline (same-run ratios): lion8bit's fused 8-bit step against the memory floor and the peers "
+        "(x = times slower than lion8bit `cpu` 8-bit).",
+        "",
+        "| problem | params | lion8bit cpu 8-bit ms | floor ms | x floor | bitsandbytes Lion8bit | "
+        "lion-pytorch Lion | lion-pytorch foreach | AdamW foreach | peak growth MiB | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    by_problem = {}
+    for row in rows:
+        by_problem.setdefault((row["problem"], row["param_dtype"]), []).append(row)
+    for (problem, dtype), group in by_problem.items():
+        named = {row["optimizer"]: row for row in group}
+        ours = named.get(HEADLINE)
+        if ours is None:
+            continue
+
+        def ratio(name):
+            row = named.get(name)
+            return f"{row['x_lion8bit']:.1f}x" if row else "-"
+
+        lines.append(
+            f"| {problem} | {dtype} | {ours['median_ms']:.1f} | {ours['floor_ms']:.1f} | {ours['x_floor']:.2f} | "
+            + " | ".join(ratio(name) for name in PEERS)
+            + f" | {_fmt(ours['peak_growth_mib'])} | {ours['load_before']:.1f}-{ours['load_after']:.1f} |"
+        )
+    lines += [
+        "",
+        "All rows (median and p20-p80 over the timed steps after the first; GB/s and floor from the bytes "
+        "each update must move: params read + written, grads read, state read + written; floor = those "
+        f"bytes / the bandwidth (read + write) of copying {rows[0]['copy_mib']} MiB, measured right before "
+        "each row; load = the 1-minute load average before and after the row):",
+        "",
+        "| problem | params | optimizer | state | backend | first step ms | median ms | p20-p80 ms | GB/s | "
+        "copy GB/s | x floor | x lion8bit | state MiB | peak growth MiB | load |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['problem']} | {row['param_dtype']} | {row['implementation']} | {row['state_kind']} | "
+            f"{row['backend'] or '-'} | {row['first_step_ms']:.0f} | {row['median_ms']:.1f} | "
+            f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f} | {row['gbps']:.1f} | {row['copy_gbps']:.1f} | "
+            f"{row['x_floor']:.2f} | {row['x_lion8bit']:.2f} | {row['state_bytes'] / MIB:.1f} | "
+            f"{_fmt(row['peak_growth_mib'])} | {row['load_before']:.1f}-{row['load_after']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 1M-element smoke run (under 2 minutes)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (>= 20 in the full run)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (the markdown table goes next to it)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise ValueError(f"Invalid steps: {args.steps}")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    out = args.out or RESULTS / ("bench_step_quick.csv" if args.quick else "bench_step.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/bench_step.py" + (" --quick" if args.quick else "")
+
+    env = environment()
+    build_seconds = kernel_build_seconds()
+    cases = problems(args.quick)
+    rows = []
+    copy_bytes = (256 if args.quick else 1024) * MIB // 2
+    with tqdm(total=sum(len(case.optimizers) for case in cases), unit="optimizer", dynamic_ncols=True) as bar:
+        for case in cases:
+            case.materialize()
+            measured = []
+            for name in case.optimizers:
+                bar.set_description(f"{case.name} {_dtype_name(case.dtype)} {name}")
+                load_before = os.getloadavg()[0]
+                # The floor's bandwidth right before each row: the machine is shared, and its
+                # load changes within a problem.
+                bandwidth = copy_bandwidth(copy_bytes)
+                row = measure(case, name, args.steps)
+                floor_ms = row["bytes_moved"] / (bandwidth * 1e9) * 1e3
+                measured.append({
+                    **row, "copy_gbps": bandwidth, "copy_mib": copy_bytes // MIB, "floor_ms": floor_ms,
+                    "x_floor": row["median_ms"] / floor_ms, "load_before": load_before,
+                    "load_after": os.getloadavg()[0],
+                })
+                bar.update()
+            baseline = next((row["median_ms"] for row in measured if row["optimizer"] == HEADLINE), None)
+            for row in measured:
+                rows.append({
+                    **env,
+                    "problem": case.name, "param_dtype": _dtype_name(case.dtype), "numel": case.numel,
+                    "tensors": len(case.shapes), **row,
+                    "x_lion8bit": row["median_ms"] / baseline if baseline else float("nan"),
+                    "kernel_build_s": build_seconds,
+                })
+            case.release()
+    write_csv(rows, out)
+    table = markdown(rows, env, command)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
