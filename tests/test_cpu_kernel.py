@@ -30,7 +30,7 @@ PAIRINGS = [  # (param dtype, grad dtype)
     (torch.float16, torch.float32),
 ]
 FORMATS = ["8bit", "bf16", "fp32"]
-LR, INITIAL_LR = 1e-3, 2e-3  # initial_lr != lr, so decoupled weight decay changes the decay
+LR, INITIAL_LR = 1e-3, 2e-3  # decoupled_initial_lr != lr, so decoupled weight decay changes the decay
 OPTIONS = list(
     itertools.product(
         [0.0, 0.3],  # weight_decay
@@ -124,7 +124,7 @@ def step_both(params, grads, entries, formats, group, *, block_size=quant.BLOCK_
 
 def group_of(weight_decay, cautious_factor, cautious_wd, decoupled, maximize, sr):
     return dict(
-        lr=LR, initial_lr=INITIAL_LR, betas=(0.9, 0.99), weight_decay=weight_decay,
+        lr=LR, decoupled_initial_lr=INITIAL_LR, betas=(0.9, 0.99), weight_decay=weight_decay,
         cautious_factor=cautious_factor, cautious_weight_decay=cautious_wd,
         decoupled_weight_decay=decoupled, maximize=maximize, stochastic_rounding=sr,
     )
@@ -199,6 +199,21 @@ def test_non_finite_values_as_in_the_reference(kernel, sr):
     for param in params:
         param[11], param[12], param[13] = float("nan"), float("inf"), float("-inf")
     step_both(params, grads, entries, formats, group_of(0.3, 0.5, True, False, False, sr))
+
+
+def test_blocks_with_a_subnormal_absmax_as_in_the_reference(kernel):
+    """Momentum that decayed below 2**-126 (rows without gradient for thousands of steps):
+    quant.quantize_blockwise scales such a block by 2**24 first; zeros must stay zeros."""
+    generator = torch.Generator().manual_seed(6)
+    params, grads, entries, formats = batch([5000], generator, pairings=PAIRINGS[:2], formats=["8bit"])
+    for grad, entry in zip(grads, entries):
+        grad[256:768] = 0.0
+        entry[st.MOMENTUM_ABSMAX][1:3] = torch.tensor([3e-39, 1e-45])
+        entry[st.MOMENTUM_CODES][256:768:3] = quant.ZERO_CODE
+    step_both(params, grads, entries, formats, group_of(0.3, 1.0, False, False, False, False))
+    for entry in entries:
+        assert entry[st.MOMENTUM_ABSMAX][1] < torch.finfo(torch.float32).tiny
+        assert torch.all(entry[st.MOMENTUM_CODES][256:768:3] == quant.ZERO_CODE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -44,6 +45,9 @@ enum Flag : int64_t { MAXIMIZE = 1, MASKED_DONT_MOVE = 2, CAUTIOUS_WEIGHT_DECAY 
 
 // Elements staged in fp32 between loops: 4 buffers x 4 KiB stay in a 48 KiB L1d.
 constexpr int64_t STAGE = 1024;
+// quant.SUBNORMAL_ABSMAX (the smallest normal fp32, 2**-126) and quant.SUBNORMAL_SCALE.
+constexpr float SUBNORMAL_ABSMAX = std::numeric_limits<float>::min();
+constexpr float SUBNORMAL_SCALE = 16777216.0f;
 // Elements per unit of work a thread takes (at least one stage): 64K elements are ~0.1 ms of
 // work, so the shared counter is touched rarely, and two threads finish within one chunk of each
 // other on a large tensor.
@@ -340,13 +344,24 @@ inline void decode_8bit(float* out, const uint8_t* codes, const float* absmax, i
   dequantize(out, codes + start, n, absmax + start / block_size, log2(block_size), t);
 }
 
+// quant.SUBNORMAL_ABSMAX / SUBNORMAL_SCALE: a block whose absmax is subnormal is normalized as
+// (x * 2**24) * (1 / (absmax * 2**24)), since 1/absmax would overflow to inf (0 * inf = NaN).
+// It scales the block in place (exact: a power of two); returns the scaled absmax. Rare: only
+// momentum that decayed below 2**-126.
+inline float scale_subnormal_block(float* x, int64_t count, float peak) {
+  if (!(peak > 0 && peak < SUBNORMAL_ABSMAX)) return peak;
+  for (int64_t i = 0; i < count; ++i) x[i] *= SUBNORMAL_SCALE;
+  return peak * SUBNORMAL_SCALE;
+}
+
 // A stage of whole blocks: absmax, x * (1/absmax), nearest codes (quant.quantize_blockwise).
-// `inverses` has room for one float per block.
-inline void encode_8bit(const float* in, uint8_t* codes, float* absmax, float* inverses,
+// `inverses` has room for one float per block; `in` (a stage buffer) is scaled in place where
+// a block's absmax is subnormal.
+inline void encode_8bit(float* in, uint8_t* codes, float* absmax, float* inverses,
                         int64_t block_size, int64_t start, int64_t n, const Tables& t) {
   for (int64_t b = 0, block = 0; b < n; b += block_size, ++block) {
     int64_t count = std::min(block_size, n - b);
-    const float* __restrict x = in + b;
+    float* __restrict x = in + b;
     // max |x| on the bit patterns: for non-negative floats integer order is float order, and a
     // NaN (above +inf) propagates as in torch.amax.
     uint32_t peak_bits = 0;
@@ -355,8 +370,9 @@ inline void encode_8bit(const float* in, uint8_t* codes, float* absmax, float* i
       peak_bits = bits > peak_bits ? bits : peak_bits;
     }
     float peak = bits_float(peak_bits);
-    inverses[block] = peak > 0 ? 1.0f / peak : 0.0f;
     absmax[start / block_size + block] = peak;
+    peak = scale_subnormal_block(x, count, peak);
+    inverses[block] = peak > 0 ? 1.0f / peak : 0.0f;
   }
   quantize(in, codes + start, n, inverses, log2(block_size), t);
 }
@@ -508,9 +524,10 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
       _mm512_storeu_ps(buffer + v, m);
       peak = _mm512_max_epu32(peak, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
     }
-    const float top = bits_float(_mm512_reduce_max_epu32(peak));
-    const __m512 inverse = _mm512_set1_ps(top > 0 ? 1.0f / top : 0.0f);
+    float top = bits_float(_mm512_reduce_max_epu32(peak));
     absmax[b / o.block_size] = top;
+    top = scale_subnormal_block(buffer, o.block_size, top);
+    const __m512 inverse = _mm512_set1_ps(top > 0 ? 1.0f / top : 0.0f);
     for (int64_t v = 0; v < o.block_size; v += 16)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b + v),
                        nearest_codes16(_mm512_mul_ps(_mm512_loadu_ps(buffer + v), inverse), r));
