@@ -101,6 +101,7 @@ def compile_step(module, variant: Variant, capability: int):
         "code_values_ptr": "fp32" if eight_bit else None,
         "requant_table_ptr": "i32" if eight_bit else None,
         "cautious_steps_ptr": "fp32" if v.cautious else None,
+        "skip_ptr": None,
     }
     scalars = dict(numel="i32", param_key="i32", momentum_key="i32")
     scalars.update(
@@ -115,6 +116,7 @@ def compile_step(module, variant: Variant, capability: int):
         CAUTIOUS_WEIGHT_DECAY=v.cautious_weight_decay,
         STOCHASTIC_PARAM=v.stochastic and v.param != "fp32",
         STOCHASTIC_MOMENTUM=v.stochastic and v.fmt == "bf16",
+        SKIP=False,
         QUANT_BLOCK=quant_block,
         ROWS=rows,
     )

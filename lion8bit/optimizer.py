@@ -44,12 +44,20 @@ DEFAULTS = dict(
     paged=False,
     backend="auto",
     maximize=False,
+    skip_nonfinite=False,
 )
 # Options that define the stored state's format: a loaded state dict must have the same ones.
 _FORMAT_OPTIONS = ("state", "block_size", "min_8bit_size")
 # Where and how this process runs, not how training behaves: kept from this optimizer on load.
 _RUNTIME_OPTIONS = ("backend", "paged")
-_FLAGS = ("cautious_weight_decay", "decoupled_weight_decay", "stochastic_rounding", "paged", "maximize")
+_FLAGS = (
+    "cautious_weight_decay",
+    "decoupled_weight_decay",
+    "stochastic_rounding",
+    "paged",
+    "maximize",
+    "skip_nonfinite",
+)
 
 
 def check_group_options(group: dict, where: str = "") -> None:
@@ -152,9 +160,17 @@ def torch_lion_step(
     block_size: int,
     stochastic_rounding: bool,
     cautious_steps: list[torch.Tensor] | None,
+    skip: torch.Tensor | None = None,
 ) -> None:
-    """backend="torch": the reference, one tensor at a time, in fp32."""
+    """backend="torch": the reference, one tensor at a time, in fp32.
+
+    With a device flag ``skip`` (non-CPU tensors), each tensor is updated and then put back
+    where the flag is set: no host synchronisation, at the cost of a copy per tensor.
+    """
     for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
+        before = None
+        if skip is not None:
+            before = param.clone(), {k: v.clone() for k, v in entry.items() if isinstance(v, torch.Tensor)}
         reference_step(
             param,
             grad,
@@ -165,6 +181,11 @@ def torch_lion_step(
             stochastic_rounding=stochastic_rounding,
             cautious_steps=None if cautious_steps is None else cautious_steps[index],
         )
+        if before is not None:
+            old_param, old_state = before
+            param.copy_(torch.where(skip, old_param, param))
+            for key, old in old_state.items():
+                entry[key].copy_(torch.where(skip, old, entry[key]))
 
 
 TORCH_BACKEND = kernels.Backend(torch_aligned_counts, torch_lion_step)
@@ -196,13 +217,23 @@ def lion(
     backend: str,
     numels: list[int] | None = None,
     reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    skip: torch.Tensor | None = None,
 ) -> None:
     """Functional Lion: one step for tensors that share a group's options and a backend.
 
     With caution, the aligned counts of each tensor are taken first; ``reduce_counts`` (for
     sharded params) turns local counts into whole-parameter counts, and ``numels`` gives the
-    whole parameters' sizes (default: the tensors' own).
+    whole parameters' sizes (default: the tensors' own). ``skip`` (a bool 0-dim tensor) leaves
+    everything unchanged when true: decided here for CPU tensors, on the device otherwise.
     """
+    device_skip = {}
+    if skip is not None and params:
+        device = params[0].device
+        if device.type == "cpu":
+            if bool(skip):  # a CPU tensor: no device synchronisation
+                return
+        else:
+            device_skip = {"skip": skip.to(device, non_blocking=True)}
     implementation = _implementation(backend)
     cautious_steps = None
     if scalars.cautious:
@@ -225,6 +256,7 @@ def lion(
         block_size=block_size,
         stochastic_rounding=stochastic_rounding,
         cautious_steps=cautious_steps,
+        **device_skip,
     )
 
 
@@ -287,6 +319,10 @@ class Lion(Optimizer):
             CUDA library; warns and uses ordinary memory on CPU).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
         maximize: maximize the objective instead of minimizing.
+        skip_nonfinite: when any grad of the groups that set it is inf or NaN, skip the whole
+            step for those groups (params and momentum unchanged) and count it in each param's
+            ``nonfinite_skips``; decided on the device, without a host synchronisation per
+            parameter (one all-reduce of the flag per step for sharded params).
 
     DTensor params (FSDP2's ``fully_shard``, placed with Shard / Replicate) are stepped through
     their local shards, with state for the local shard only; see :mod:`lion8bit.sharded`.
@@ -313,6 +349,7 @@ class Lion(Optimizer):
         paged: bool = False,
         backend: str = "auto",
         maximize: bool = False,
+        skip_nonfinite: bool = False,
         use_triton: bool | None = None,
         cautious_wd: bool | None = None,
         optim_bits: int | None = None,
@@ -344,6 +381,7 @@ class Lion(Optimizer):
             paged=compat["paged"],
             backend=compat["backend"],
             maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
         )
         check_group_options(defaults)
         self._paged_warned = False
@@ -399,7 +437,7 @@ class Lion(Optimizer):
     def _new_momentum(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
         return sharded.new_momentum(param, fmt, group["block_size"], self._allocator(param, group))
 
-    def _prepare(self, param: torch.Tensor, group: dict, index: int, label) -> tuple[dict, str]:
+    def _prepare(self, param: torch.Tensor, group: dict, index: int) -> tuple[dict, str]:
         """The param's state entry: created, or re-encoded if the group's state kind changed.
 
         For a DTensor param the format follows the whole param's size, as unsharded.
@@ -411,15 +449,6 @@ class Lion(Optimizer):
             entry[st.STEP] = 0
             entry.update(self._new_momentum(param, group, fmt))
         stored = st.stored_format(entry)
-        if stored == "8bit":
-            found = tuple(entry[st.MOMENTUM_ABSMAX].shape)
-            expected = sharded.absmax_shape(param, block_size)
-            if found != expected:
-                raise ValueError(
-                    f"{label()}: its 8-bit momentum has absmax of shape {found}, but "
-                    f"block_size={block_size} needs {expected}; block_size cannot change once "
-                    "the state exists"
-                )
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
             values = st.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
@@ -429,7 +458,21 @@ class Lion(Optimizer):
             st.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
         if group["stochastic_rounding"] and st.SR_SEED not in entry:
             entry[st.SR_SEED] = quant.mix32(index)
+        if group["skip_nonfinite"] and st.NONFINITE_SKIPS not in entry:
+            entry[st.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
         return entry, fmt
+
+    @staticmethod
+    def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label: str) -> None:
+        if st.stored_format(entry) == "8bit":
+            found = tuple(entry[st.MOMENTUM_ABSMAX].shape)
+            expected = sharded.absmax_shape(param, group["block_size"])
+            if found != expected:
+                raise ValueError(
+                    f"{label}: its 8-bit momentum has absmax of shape {found}, but "
+                    f"block_size={group['block_size']} needs {expected}; block_size cannot change "
+                    "once the state exists"
+                )
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -441,29 +484,23 @@ class Lion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        index = -1
-        for group_index, group in enumerate(self.param_groups):
+        collected = self._collect()  # every check first: an error leaves the optimizer unchanged
+        skip = self._nonfinite_flag(collected)
+        for group, items in collected:
             buckets: dict[str, _Bucket] = defaultdict(_Bucket)
-            for position, param in enumerate(group["params"]):
-                index += 1
-                grad = param.grad
-                if grad is None:
-                    continue
-                self._check_grad(param, grad, group_index, position, group)
+            skip_counters = []
+            for index, param, backend in items:
                 fresh = not self.state.get(param)
-                entry, fmt = self._prepare(
-                    param, group, index, lambda: _param_label(group_index, position, group, param)
-                )
+                entry, fmt = self._prepare(param, group, index)
                 if not (fresh and _lr_is_zero(group["lr"])):
                     entry[st.STEP] += 1
-                local_param = sharded.local(param)
-                backend = _resolve_backend(group["backend"], local_param.device)
+                if group["skip_nonfinite"]:
+                    skip_counters.append(entry[st.NONFINITE_SKIPS])
                 buckets[backend].add(
-                    param, local_param, sharded.local(grad),
+                    param, sharded.local(param), sharded.local(param.grad),
                     sharded.local_entry(param, entry, group["block_size"]), fmt,
                 )
-            if not buckets:
-                continue
+            group_skip = skip if group["skip_nonfinite"] else None
             scalars = lion_scalars(group)
             for backend, bucket in buckets.items():
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
@@ -484,8 +521,66 @@ class Lion(Optimizer):
                         backend=backend,
                         numels=[param.numel() for param in part.params],
                         reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
+                        skip=group_skip,
                     )
+            for counter in skip_counters:
+                counter.add_(skip.to(counter.device, non_blocking=True))
         return loss
+
+    def _collect(self) -> list[tuple[dict, list[tuple[int, torch.Tensor, str]]]]:
+        """Per group, its params with a grad as (index among all params, param, backend).
+
+        Checks everything a step could fail on before the step changes anything: the grads,
+        the backend and the device it runs on, the existing state's layout.
+        """
+        collected = []
+        index = -1
+        for group_index, group in enumerate(self.param_groups):
+            items = []
+            for position, param in enumerate(group["params"]):
+                index += 1
+                if param.grad is None:
+                    continue
+                self._check_grad(param, param.grad, group_index, position, group)
+                label = _param_label(group_index, position, group, param)
+                device = sharded.local(param).device
+                backend = _resolve_backend(group["backend"], device)
+                _implementation(backend)  # RuntimeError if it cannot be used here at all
+                kernels.check_device(backend, device, label)
+                if self.state.get(param):
+                    self._check_state_fits(param, self.state[param], group, label)
+                items.append((index, param, backend))
+            if items:
+                collected.append((group, items))
+        return collected
+
+    @staticmethod
+    def _nonfinite_flag(collected) -> torch.Tensor | None:
+        """A bool 0-dim tensor: some grad of the skip_nonfinite groups is inf or NaN (or None).
+
+        One max-norm pass over the grads per device, no host synchronisation; for sharded
+        params the flag is OR-ed over their meshes (a rank seeing a NaN in its shard makes every
+        rank skip).
+        """
+        params = [p for group, items in collected if group["skip_nonfinite"] for _, p, _ in items]
+        if not params:
+            return None
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for param in params:
+            grad = sharded.local(param.grad)
+            by_device[grad.device].append(grad)
+        flags = []
+        for device, grads in by_device.items():
+            grads = [g for g in grads if g.numel()]  # the inf-norm of an empty shard is an error
+            if not grads:
+                flags.append(torch.zeros((), dtype=torch.bool, device=device))
+                continue
+            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+            flags.append(~torch.isfinite(largest).all())
+        flag = flags[0]
+        for other in flags[1:]:
+            flag = flag | other.to(flag.device, non_blocking=True)
+        return sharded.any_across(flag, params)
 
     @staticmethod
     def _check_grad(param, grad, group_index, position, group) -> None:
@@ -591,7 +686,14 @@ class Lion(Optimizer):
             post_hook(self)
 
 
-_KNOWN_KEYS = {st.STEP, st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX, st.SR_SEED}
+_KNOWN_KEYS = {
+    st.STEP,
+    st.MOMENTUM,
+    st.MOMENTUM_CODES,
+    st.MOMENTUM_ABSMAX,
+    st.SR_SEED,
+    st.NONFINITE_SKIPS,
+}
 
 
 def _checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty) -> dict:
@@ -618,6 +720,16 @@ def _checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty) -
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{label}: {st.SR_SEED} must be an int in [0, 2**32), got {seed!r}")
         checked[st.SR_SEED] = seed
+    if st.NONFINITE_SKIPS in entry:
+        skips = entry[st.NONFINITE_SKIPS]
+        skips = sharded.local(skips) if isinstance(skips, torch.Tensor) else skips
+        if isinstance(skips, bool) or not (
+            isinstance(skips, int)
+            or (isinstance(skips, torch.Tensor) and skips.numel() == 1 and not skips.is_floating_point())
+        ):
+            raise ValueError(f"{label}: {st.NONFINITE_SKIPS} must be an integer, got {skips!r}")
+        device = sharded.local(param).device
+        checked[st.NONFINITE_SKIPS] = torch.as_tensor(skips, dtype=torch.int64).reshape(()).to(device, copy=True)
     if st.stored_format(checked) is None:
         checked.update(sharded.new_momentum(param, fmt, group["block_size"], empty))
     return checked

@@ -263,6 +263,27 @@ def count_reducer(params: list[torch.Tensor]) -> Callable | None:
     return reduce_counts
 
 
+def any_across(flag: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``flag`` (bool, 0-dim) OR-ed over every rank of the meshes of the sharded ``params``:
+    with FSDP2 a non-finite grad may sit in one rank's shard only, and every rank must make the
+    same skip decision. One all-reduce per mesh dim of each distinct mesh; none if no param is
+    a DTensor."""
+    meshes = []
+    for param in params:
+        if is_sharded(param) and all(param.device_mesh is not m for m in meshes):
+            meshes.append(param.device_mesh)
+    if not meshes:
+        return flag
+    import torch.distributed as dist
+
+    for mesh in meshes:
+        value = flag.to(device=_mesh_device(mesh), dtype=torch.int32)
+        for mesh_dim in range(mesh.ndim):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+        flag = value.to(flag.device).bool()
+    return flag
+
+
 def _mesh_device(mesh) -> torch.device:
     # With FSDP2's CPU offload the state lives on the CPU while the mesh's group is NCCL.
     if mesh.device_type == "cpu":

@@ -22,6 +22,7 @@ MOMENTUM = "momentum"  # dense momentum: fp32 ("fp32", and "8bit" under min_8bit
 MOMENTUM_CODES = "momentum_codes"  # "8bit": uint8 codes, the param's shape
 MOMENTUM_ABSMAX = "momentum_absmax"  # "8bit": fp32 absmax per block of the flattened param
 SR_SEED = "sr_seed"  # int: stochastic-rounding seed of this param (with STEP: the RNG position)
+NONFINITE_SKIPS = "nonfinite_skips"  # int64 0-dim tensor: steps skipped for non-finite grads
 
 _DENSE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -336,6 +336,33 @@ def test_dtensor_misuse_raises_clear_errors(tmp_path):
         assert "is a plain tensor; expected a DTensor placed" in messages["plain grad"]
 
 
+def _fsdp_skip_nonfinite(rank, world_size):
+    """A NaN in rank 0's shard only: with skip_nonfinite every rank must skip that step."""
+    from lion8bit import state as st
+    from lion8bit.sharded import local
+
+    model, _ = make_fsdp_model()
+    optimizer = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, skip_nonfinite=True)
+    for step in range(2):
+        train_step(model, optimizer, batch(step, rank))
+    before = [local(p).detach().clone() for p in model.parameters()]
+    model(batch(2, rank)).square().mean().backward()
+    if rank == 0:
+        local(next(model.parameters()).grad).view(-1)[0] = float("nan")
+    optimizer.step()
+    optimizer.zero_grad()
+    unchanged = all(torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
+    skips = sorted({int(entry[st.NONFINITE_SKIPS]) for entry in optimizer.state.values()})
+    train_step(model, optimizer, batch(3, rank))
+    moved = any(not torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
+    return {"unchanged": unchanged, "skips": skips, "moved_after": moved}
+
+
+def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_a_nan(tmp_path):
+    for report in spawn(_fsdp_skip_nonfinite, 2, tmp_path):
+        assert report == {"unchanged": True, "skips": [1], "moved_after": True}
+
+
 # -- DDP ---------------------------------------------------------------------------------------
 
 

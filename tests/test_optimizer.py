@@ -41,6 +41,7 @@ def test_public_api():
         (dict(block_size=100), ValueError, "Invalid block_size"),
         (dict(min_8bit_size=-1), ValueError, "Invalid min_8bit_size"),
         (dict(maximize="yes"), TypeError, "Invalid maximize"),
+        (dict(skip_nonfinite=1), TypeError, "Invalid skip_nonfinite"),
         (dict(optim_bits=16), ValueError, "Invalid optim_bits"),
         (dict(optim_bits=32, state="bf16"), ValueError, "contradicts"),
         (dict(use_triton=True, backend="cpu"), ValueError, "contradicts"),

@@ -395,6 +395,70 @@ def test_optimizer_backend_triton_is_backend_torch(interpreted, options):
                 assert out_state["state"][index][key] == value
 
 
+@pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
+def test_resume_through_backend_triton_is_bit_exact(interpreted, state):
+    """state_dict -> torch.save -> load (weights_only) -> continue equals never stopping."""
+    import io
+
+    options = dict(lr=1e-3, weight_decay=0.1, state=state, stochastic_rounding=True, backend="triton")
+
+    def run(params, optimizer, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            optimizer.step()
+
+    straight = _model_params()
+    straight_opt = Lion(straight, **options)
+    run(straight, straight_opt, range(4))
+
+    first = _model_params()
+    first_opt = Lion(first, **options)
+    run(first, first_opt, range(2))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in first], "optimizer": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = [torch.nn.Parameter(t.clone()) for t in checkpoint["params"]]
+    resumed_opt = Lion(resumed, **options)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    run(resumed, resumed_opt, range(2, 4))
+
+    for a, b in zip(straight, resumed):
+        assert_same_bits(b.detach(), a.detach(), "param")
+    for a, b in zip(straight, resumed):
+        for key, value in straight_opt.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert_same_bits(resumed_opt.state[b][key], value, key)
+            else:
+                assert resumed_opt.state[b][key] == value
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "bf16", "fp32"])
+def test_skip_flag_stores_nothing_and_a_clear_flag_is_the_reference(interpreted, fmt):
+    """skip_nonfinite on a GPU: the decision is a device flag the kernel reads (no host sync)."""
+    import copy
+
+    module, _ = interpreted
+    param, grads, entry = _problem(4097, torch.bfloat16, torch.float32, fmt)
+    scalars = lion_scalars(_group(OPTIONS["decay"]))
+    common = dict(scalars=scalars, block_size=quant.BLOCK_SIZE, stochastic_rounding=True, cautious_steps=None)
+    entry[st.STEP] += 1
+    skipped_param, skipped_entry = param.clone(), copy.deepcopy(entry)
+    module.triton_lion_step([skipped_param], [grads[0]], [skipped_entry], [fmt], skip=torch.tensor(True), **common)
+    assert_same_bits(skipped_param, param, "param")
+    for key, value in entry.items():
+        if isinstance(value, torch.Tensor):
+            assert_same_bits(skipped_entry[key], value, key)
+    stepped_param, stepped_entry = param.clone(), copy.deepcopy(entry)
+    module.triton_lion_step([stepped_param], [grads[0]], [stepped_entry], [fmt], skip=torch.tensor(False), **common)
+    torch_lion_step([param], [grads[0]], [entry], [fmt], **common)
+    assert_same_bits(stepped_param, param, "param")
+    for key, value in entry.items():
+        if isinstance(value, torch.Tensor):
+            assert_same_bits(stepped_entry[key], value, key)
+
+
 _SYNCHRONISING = ["item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"]
 
 
@@ -468,5 +532,5 @@ def test_without_triton_import_works_and_backend_triton_raises():
 def test_cpu_tensors_without_the_interpreter_raise_clearly():
     result = _fresh_python(_STEP_WITH_TRITON, hide_triton=False)
     assert result.returncode == 0, result.stderr
-    assert 'RuntimeError: backend="triton" runs on CUDA tensors, got a parameter on cpu' in result.stdout
+    assert 'RuntimeError: backend="triton" runs on CUDA tensors, got param_groups[0]' in result.stdout
     assert "TRITON_INTERPRET=1" in result.stdout

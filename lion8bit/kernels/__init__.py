@@ -8,9 +8,11 @@ A backend is a pair of functions with the signatures of the reference backend in
   per tensor, the int64 0-dim count of elements whose update sign agrees with the gradient (the
   cautious pre-pass; reads the old momentum and the grad only). Called only with caution on.
 - ``lion_step(params, grads, entries, formats, *, scalars, block_size, stochastic_rounding,
-  cautious_steps) -> None``: the whole update, in place on params and state entries; each
+  cautious_steps, skip=None) -> None``: the whole update, in place on params and state entries; each
   entry's ``step`` is already incremented; ``cautious_steps`` is a list of [2] fp32 tensors (the
-  step sizes where aligned / not) or None without caution.
+  step sizes where aligned / not) or None without caution; ``skip`` (optional, a bool 0-dim
+  tensor on the params' device, only ever given for non-CPU devices) leaves everything
+  unchanged when true, decided on the device (no host synchronisation).
 
 Backends see plain tensors only: for a sharded (DTensor) param the optimizer passes the local
 shard, its local grad, and a per-step dict of the local state tensors (8-bit absmax trimmed to
@@ -27,6 +29,8 @@ import importlib
 import importlib.util
 import os
 from typing import Callable, NamedTuple
+
+import torch
 
 # backend -> (module in this package, prefix of its two functions)
 _MODULES = {"triton": ("triton_lion", "triton"), "cpu": ("cpu_lion", "cpu")}
@@ -58,6 +62,18 @@ def load(backend: str) -> Backend:
             raise
         raise RuntimeError(f"backend={backend!r} is not available in this build") from None
     return Backend(getattr(module, f"{prefix}_aligned_counts"), getattr(module, f"{prefix}_lion_step"))
+
+
+def check_device(backend: str, device: torch.device, what: str) -> None:
+    """RuntimeError unless ``backend`` can update tensors on ``device`` (the optimizer checks
+    before a step changes anything; the launchers check again)."""
+    if backend == "cpu" and device.type != "cpu":
+        raise RuntimeError(f'backend="cpu" runs on CPU tensors, got {what} on {device}')
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise RuntimeError(
+            f'backend="triton" runs on CUDA tensors, got {what} on {device} (CPU tensors run '
+            "in Triton's interpreter when TRITON_INTERPRET=1 is set before lion8bit imports it)"
+        )
 
 
 @functools.lru_cache(maxsize=None)

@@ -222,8 +222,9 @@ def _aligned_count_kernel(
 def _lion_step_kernel(
     # updated in place
     param_ptr, momentum_ptr, absmax_ptr,
-    # read: the grad, the codebook, the requantization table, [step where aligned, where not]
-    grad_ptr, code_values_ptr, requant_table_ptr, cautious_steps_ptr,
+    # read: the grad, the codebook, the requantization table, [step where aligned, where not],
+    # the skip_nonfinite flag (uint8: nonzero = store nothing)
+    grad_ptr, code_values_ptr, requant_table_ptr, cautious_steps_ptr, skip_ptr,
     numel,
     # fp32 scalars of reference.LionScalars
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
@@ -237,10 +238,18 @@ def _lion_step_kernel(
     CAUTIOUS_WEIGHT_DECAY: tl.constexpr,
     STOCHASTIC_PARAM: tl.constexpr,
     STOCHASTIC_MOMENTUM: tl.constexpr,
+    SKIP: tl.constexpr,  # skip_ptr given
     QUANT_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
 ):
     blocks, offsets, mask, block_mask = _tile(numel, QUANT_BLOCK, ROWS)
+    if SKIP:
+        # A step skipped for non-finite grads, decided on the device (no host synchronisation):
+        # every load and store of the tile is masked off.
+        keep = tl.load(skip_ptr) == 0
+        # tl.where, not "&": the interpreter (triton 3.9) rejects a tensor & scalar mask.
+        mask = tl.where(keep, mask, False)
+        block_mask = tl.where(keep, block_mask, False)
     g, m, u = _direction(
         grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
         beta1, one_minus_beta1, FORMAT, MAXIMIZE,
@@ -376,11 +385,14 @@ def triton_aligned_counts(params, grads, entries, formats, *, scalars, block_siz
 
 
 def triton_lion_step(
-    params, grads, entries, formats, *, scalars, block_size, stochastic_rounding, cautious_steps
+    params, grads, entries, formats, *, scalars, block_size, stochastic_rounding, cautious_steps,
+    skip=None,
 ):
-    """The whole update of each tensor in one launch, in place on params and state entries."""
+    """The whole update of each tensor in one launch, in place on params and state entries;
+    nothing is stored where the device flag ``skip`` is true."""
     _check_devices(params)
     s = scalars
+    skip_flag = None if skip is None else skip.to(torch.uint8)
     for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
         numel = param.numel()
         if numel == 0:
@@ -402,6 +414,7 @@ def triton_lion_step(
                 work, momentum, absmax,
                 _contiguous(grad), code_values, requant_table,
                 None if cautious_steps is None else cautious_steps[index],
+                skip_flag,
                 numel,
                 _fp32(s.lr), _fp32(s.beta1), _fp32(s.one_minus_beta1),
                 _fp32(s.beta2), _fp32(s.one_minus_beta2), _fp32(s.decay),
@@ -414,6 +427,7 @@ def triton_lion_step(
                 CAUTIOUS_WEIGHT_DECAY=s.cautious_weight_decay,
                 STOCHASTIC_PARAM=stochastic_param,
                 STOCHASTIC_MOMENTUM=stochastic_momentum,
+                SKIP=skip_flag is not None,
                 QUANT_BLOCK=quant_block,
                 ROWS=rows,
                 num_warps=_NUM_WARPS,
