@@ -9,6 +9,8 @@ import torch
 from lion8bit import Lion
 from lion8bit import state as st
 
+from backends import CPU_BACKENDS
+
 STATE_KINDS = ["8bit", "bf16", "fp32"]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -60,8 +62,12 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("state", STATE_KINDS)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("stochastic_rounding", [False, True])
-def test_resume_is_bit_exact(state, dtype, stochastic_rounding):
-    options = dict(lr=1e-3, weight_decay=0.1, state=state, stochastic_rounding=stochastic_rounding, cautious_factor=0.5)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)  # "triton": tests/test_triton_kernel.py
+def test_resume_is_bit_exact(state, dtype, stochastic_rounding, backend):
+    options = dict(
+        lr=1e-3, weight_decay=0.1, state=state, stochastic_rounding=stochastic_rounding,
+        cautious_factor=0.5, backend=backend,
+    )
     straight = make_model(dtype)
     straight_opt = Lion(straight.parameters(), **options)
     train(straight, straight_opt, 6, seed=1)
