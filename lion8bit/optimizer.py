@@ -60,12 +60,17 @@ _FLAGS = (
 )
 
 
-def check_group_options(group: dict, where: str = "") -> None:
-    """Raise ValueError / TypeError naming the first invalid option of a param group."""
+def check_group_options(group: dict, where: str = "", *, zero_lr: bool = False) -> None:
+    """Raise ValueError / TypeError naming the first invalid option of a param group.
+
+    ``zero_lr``: accept lr 0, as a loaded checkpoint may hold it (an LR schedule's warmup from 0
+    saved at its first step); a new group needs lr > 0.
+    """
     at = f" in {where}" if where else ""
     lr = group["lr"]
     lr_value = float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
-    if lr_value is None or not math.isfinite(lr_value) or lr_value <= 0:
+    invalid = lr_value is None or not math.isfinite(lr_value) or lr_value < 0
+    if invalid or (lr_value == 0 and not zero_lr):
         raise ValueError(f"Invalid learning rate{at}: {lr}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -652,7 +657,7 @@ class Lion(Optimizer):
                 merged.setdefault(name, default)
             merged.setdefault("decoupled_initial_lr", float(merged["lr"]))
             merged["betas"] = tuple(merged["betas"])
-            check_group_options(merged, f"loaded param_groups[{group_index}]")
+            check_group_options(merged, f"loaded param_groups[{group_index}]", zero_lr=True)
             for name in _FORMAT_OPTIONS:
                 if merged[name] != group[name]:
                     raise ValueError(

@@ -154,6 +154,19 @@ def test_another_format_is_rejected(saved, loading, message):
         other.load_state_dict(optimizer.state_dict())
 
 
+def test_a_checkpoint_saved_at_lr_zero_loads():
+    """A warmup from lr 0 saved at its first step; a new group with lr 0 is still refused."""
+    model, optimizer = _trained()
+    optimizer.param_groups[0]["lr"] = 0.0
+    other = Lion(model.parameters(), lr=1e-3)
+    other.load_state_dict(optimizer.state_dict())
+    assert other.param_groups[0]["lr"] == 0.0
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0]["lr"] = -1e-3
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        other.load_state_dict(saved)
+
+
 def test_another_model_is_rejected_naming_the_parameter():
     _, optimizer = _trained()
     wider = torch.nn.Sequential(torch.nn.Linear(80, 96), torch.nn.Tanh(), torch.nn.Linear(96, 3))
