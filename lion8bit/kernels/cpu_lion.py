@@ -178,8 +178,12 @@ def cpu_lion_step(
     block_size: int,
     stochastic_rounding: bool,
     cautious_steps: list[torch.Tensor] | None,
+    skip: torch.Tensor | None = None,
 ) -> None:
-    """The whole update, in place on params and state entries (one library call)."""
+    """The whole update, in place on params and state entries (one library call); nothing
+    changes when ``skip`` (a CPU flag, read on the host: no device to wait for) is true."""
+    if skip is not None and bool(skip):
+        return
     library = cpu_build.library()
     if library is None:
         torch_lion_step(
