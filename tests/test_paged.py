@@ -1,6 +1,7 @@
 """Paged state on CUDA: managed memory, prefetch on the current stream, no host syncs, survives
 load_state_dict, freed with the optimizer. The tests marked gpu skip without CUDA (the CPU
-fallback is tested in test_optimizer.py); the order of prefetches and updates is checked on CPU."""
+fallback is tested in test_optimizer.py); the order of prefetches and updates, and that loaded
+state of a paged group goes to its allocator, are checked on CPU."""
 
 import gc
 import warnings
@@ -171,3 +172,49 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
         ("update", []),  # the small param keeps fp32 momentum: nothing to prefetch
         ("prefetch", codes[1]), ("update", [codes[1]]),
     ]
+
+
+def test_loaded_state_of_a_paged_group_lands_in_buffers_from_its_allocator(monkeypatch):
+    # The CPU half of test_paging_survives_load_state_dict: bitsandbytes copies loaded state into
+    # ordinary tensors (it loses paging); we must copy it into buffers from the group's allocator.
+    # Nothing is paged on CPU, so a paged group's allocator is replaced by one that records.
+    from_allocator = set()
+
+    def recording_empty(shape, *, dtype, device):
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        from_allocator.add(tensor.data_ptr())
+        return tensor
+
+    monkeypatch.setattr(
+        lion8bit.optimizer.Lion, "_allocator", lambda self, param, group: recording_empty if group["paged"] else torch.empty
+    )
+
+    def make(seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        paged_params = [torch.nn.Parameter(torch.randn(64, 64, generator=generator)) for _ in range(2)]
+        plain_params = [torch.nn.Parameter(torch.randn(64, 64, generator=generator))]
+        optimizer = Lion8bit([{"params": paged_params, "paged": True}, {"params": plain_params}], **OPTIONS)
+        return optimizer, paged_params, plain_params
+
+    def step(optimizer, params):
+        generator = torch.Generator().manual_seed(1)
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator) * 0.01
+        optimizer.step()
+
+    source, paged_params, plain_params = make()
+    step(source, paged_params + plain_params)
+    saved = source.state_dict()
+
+    from_allocator.clear()
+    target, paged_params, plain_params = make()
+    target.load_state_dict(saved)
+    for param in paged_params:
+        buffers = momentum_buffers(target, param)
+        assert {buffer.dtype for buffer in buffers} == {torch.uint8, torch.float32}
+        assert all(buffer.data_ptr() in from_allocator for buffer in buffers)
+    assert not any(buffer.data_ptr() in from_allocator for buffer in momentum_buffers(target, plain_params[0]))
+    # The loaded values arrived intact in the new buffers.
+    for name in (st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+        for param_id, param in enumerate(paged_params):
+            assert torch.equal(target.state[param][name], saved["state"][param_id][name])
