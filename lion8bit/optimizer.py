@@ -546,8 +546,8 @@ class Lion(Optimizer):
                 index += 1
                 if param.grad is None:
                     continue
-                self._check_grad(param, param.grad, group_index, position, group)
                 label = _param_label(group_index, position, group, param)
+                self._check_grad(param, param.grad, label)
                 device = sharded.local(param).device
                 backend = _resolve_backend(group["backend"], device)
                 _implementation(backend)  # RuntimeError if it cannot be used here at all
@@ -588,23 +588,18 @@ class Lion(Optimizer):
         return sharded.any_across(flag, params)
 
     @staticmethod
-    def _check_grad(param, grad, group_index, position, group) -> None:
+    def _check_grad(param, grad, label: str) -> None:
         if grad.is_sparse:
-            label = _param_label(group_index, position, group, param)
             raise RuntimeError(f"Lion does not support sparse gradients ({label})")
         if not sharded.same_layout(grad, param):
-            label = _param_label(group_index, position, group, param)
             raise RuntimeError(
                 f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}"
             )
         if grad.shape != param.shape:
-            label = _param_label(group_index, position, group, param)
             raise RuntimeError(f"Gradient of {label} has shape {tuple(grad.shape)}")
         if grad.device != param.device:
-            label = _param_label(group_index, position, group, param)
             raise RuntimeError(f"Gradient of {label} is on {grad.device}, the parameter on {param.device}")
         if grad.dtype != param.dtype and grad.dtype != torch.float32:
-            label = _param_label(group_index, position, group, param)
             raise RuntimeError(
                 f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32"
             )
