@@ -534,3 +534,30 @@ def test_cpu_tensors_without_the_interpreter_raise_clearly():
     assert result.returncode == 0, result.stderr
     assert 'RuntimeError: backend="triton" runs on CUDA tensors, got param_groups[0]' in result.stdout
     assert "TRITON_INTERPRET=1" in result.stdout
+
+
+_INTERPRET_SET_AFTER_IMPORT = """
+import os
+import torch
+import lion8bit.kernels as kernels
+from lion8bit import Lion
+kernels.load("triton")  # decorated for the GPU compiler: the variable is not set yet
+os.environ["TRITON_INTERPRET"] = "1"  # too late for the kernels
+p = torch.nn.Parameter(torch.randn(10))
+p.grad = torch.randn(10)
+optimizer = Lion([p], backend="triton")
+try:
+    optimizer.step()
+except RuntimeError as error:
+    print("RuntimeError:", error)
+print("state entries:", len(optimizer.state))
+"""
+
+
+def test_interpreter_set_after_the_kernels_were_decorated_is_refused_before_any_change():
+    # What the kernels can run on was fixed when @triton.jit ran, so the optimizer's check
+    # before the step must ask the kernels, not the variable now.
+    result = _fresh_python(_INTERPRET_SET_AFTER_IMPORT, hide_triton=False)
+    assert result.returncode == 0, result.stderr
+    assert 'RuntimeError: backend="triton" runs on CUDA tensors' in result.stdout
+    assert "state entries: 0" in result.stdout

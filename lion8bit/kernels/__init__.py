@@ -64,15 +64,20 @@ def load(backend: str) -> Backend:
     return Backend(getattr(module, f"{prefix}_aligned_counts"), getattr(module, f"{prefix}_lion_step"))
 
 
-def check_device(backend: str, device: torch.device, what: str) -> None:
+def check_device(backend: str, device: torch.device, what: str, *, interpreted: bool | None = None) -> None:
     """RuntimeError unless ``backend`` can update tensors on ``device`` (the optimizer checks
-    before a step changes anything; the launchers check again)."""
+    before a step changes anything; the launchers check again). For "triton", ``interpreted``
+    says whether its kernels were decorated for the interpreter (default: the loaded module's
+    ``INTERPRETED``; triton reads TRITON_INTERPRET in @triton.jit, not at launch)."""
     if backend == "cpu" and device.type != "cpu":
         raise RuntimeError(f'backend="cpu" runs on CPU tensors, got {what} on {device}')
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    if interpreted is None and backend == "triton" and device.type == "cpu":
+        interpreted = importlib.import_module(f"{__name__}.triton_lion").INTERPRETED
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreted):
         raise RuntimeError(
-            f'backend="triton" runs on CUDA tensors, got {what} on {device} (CPU tensors run '
-            "in Triton's interpreter when TRITON_INTERPRET=1 is set before lion8bit imports it)"
+            f'backend="triton" runs on CUDA tensors, got {what} on {device}; use backend="auto" '
+            'or "torch", or set TRITON_INTERPRET=1 before lion8bit imports its Triton kernels to '
+            "run them in Triton's CPU interpreter (slow, for tests)"
         )
 
 

@@ -327,12 +327,7 @@ def _int32_bits(key: int) -> int:
 
 def _check_devices(params: list[torch.Tensor]) -> None:
     for param in params:
-        if param.device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError(
-                f'backend="triton" runs on CUDA tensors, got a parameter on {param.device}; '
-                'use backend="auto" or "torch", or set TRITON_INTERPRET=1 before importing '
-                "lion8bit to run the kernel in Triton's CPU interpreter (slow, for tests)"
-            )
+        kernels.check_device("triton", param.device, "a parameter", interpreted=INTERPRETED)
 
 
 def _layout(fmt: str, block_size: int) -> tuple[int, int]:
