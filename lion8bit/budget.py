@@ -27,9 +27,8 @@ from typing import Callable
 
 import torch
 
-from . import paged as paged_state
 from . import quant
-from . import state as st
+from . import momentum as mom
 
 GIB = 2**30
 
@@ -421,8 +420,8 @@ def _bnb_shared(numels: list[int], states: int, rules: Rules) -> int:
 
 def _ours_nbytes(kind: str) -> Callable[[int, torch.dtype, Rules], int]:
     def nbytes(numel: int, dtype: torch.dtype, rules: Rules) -> int:
-        fmt = st.momentum_format(numel, kind, rules.min_8bit_size)
-        return st.momentum_nbytes(numel, fmt, rules.block_size)
+        fmt = mom.momentum_format(numel, kind, rules.min_8bit_size)
+        return mom.momentum_nbytes(numel, fmt, rules.block_size)
 
     return nbytes
 
@@ -530,7 +529,7 @@ def budget_row(shapes: ModelShapes, optimizer: str, dtype: str = "mixed", rules:
     """Bytes of weights, grads and optimizer state of ``shapes`` trained with ``optimizer``.
 
     Frozen tensors (``trainable=False``) count as weights only. For a paged optimizer the
-    momentum of every tensor of at least ``lion8bit.paged.MIN_NUMEL`` elements is in ``paged``;
+    momentum of every tensor of at least ``lion8bit.momentum.PAGED_MIN_NUMEL`` elements is in ``paged``;
     ``state`` holds the smaller tensors' momentum plus the largest paged tensor's: the step
     updates a paged group one tensor at a time, so that much has to be resident at once (a
     floor: the driver decides what else stays).
@@ -542,7 +541,7 @@ def budget_row(shapes: ModelShapes, optimizer: str, dtype: str = "mixed", rules:
     state = sum(per_tensor) + rule.shared_nbytes(trainable, rules)
     paged = 0
     if rule.paged:
-        in_managed = [b for n, b in zip(trainable, per_tensor) if n >= paged_state.MIN_NUMEL]
+        in_managed = [b for n, b in zip(trainable, per_tensor) if n >= mom.PAGED_MIN_NUMEL]
         paged = sum(in_managed)
         state = state - paged + max(in_managed, default=0)
     return Row(
@@ -664,7 +663,7 @@ class Comparison:
             lines += textwrap.wrap(
                 f"* {paged.label}: {paged.paged / GIB:.2f} GiB of momentum in CUDA managed memory "
                 "(evicted to host RAM under pressure), not in its total; its state column is the "
-                f"momentum of tensors under {paged_state.MIN_NUMEL:,} elements (never paged) plus "
+                f"momentum of tensors under {mom.PAGED_MIN_NUMEL:,} elements (never paged) plus "
                 "the largest paged tensor's, resident while that tensor updates",
                 100,
                 subsequent_indent="  ",

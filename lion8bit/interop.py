@@ -16,11 +16,11 @@ from itertools import chain
 import torch
 
 from . import quant
-from . import state as st
+from . import momentum as mom
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 BNB_BLOCK_SIZE = 256
-_OURS = {st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX}
+_OURS = {mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX}
 
 
 def detect_format(state_dict: dict) -> str:
@@ -81,14 +81,14 @@ def convert_to_lion8bit(state_dict: dict, source: str, optimizer) -> dict:
         if entry is None:
             continue
         label = f"parameter {position} of shape {tuple(param.shape)} (in the {source} state dict)"
-        fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+        fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
         state[saved_id] = convert(entry, param, fmt, group["block_size"], label)
     return {"state": state, "param_groups": groups}
 
 
 def _encoded(values: torch.Tensor, param: torch.Tensor, fmt: str, block_size: int) -> dict:
-    entry = st.new_momentum(param, fmt, block_size)
-    st.encode_momentum(entry, values.to(param.device), fmt, block_size)
+    entry = mom.new_momentum(param, fmt, block_size)
+    mom.encode_momentum(entry, values.to(param.device), fmt, block_size)
     return entry
 
 
@@ -112,9 +112,9 @@ def _from_bitsandbytes(entry: dict, param, fmt: str, block_size: int, label: str
         same_codebook = torch.equal(code_values.float().cpu(), quant.codebook())
         if fmt == "8bit" and block_size == BNB_BLOCK_SIZE and same_codebook:
             return {
-                st.STEP: step,
-                st.MOMENTUM_CODES: momentum.reshape(param.shape).clone(),
-                st.MOMENTUM_ABSMAX: absmax.float().reshape(-1).clone(),
+                mom.STEP: step,
+                mom.MOMENTUM_CODES: momentum.reshape(param.shape).clone(),
+                mom.MOMENTUM_ABSMAX: absmax.float().reshape(-1).clone(),
             }
         values = quant.dequantize_blockwise(
             momentum.reshape(param.shape).cpu(),
@@ -124,14 +124,14 @@ def _from_bitsandbytes(entry: dict, param, fmt: str, block_size: int, label: str
         )
     else:
         values = momentum.float().reshape(param.shape)
-    return {st.STEP: step, **_encoded(values, param, fmt, block_size)}
+    return {mom.STEP: step, **_encoded(values, param, fmt, block_size)}
 
 
 def _from_lion_pytorch(entry: dict, param, fmt: str, block_size: int, label: str) -> dict:
     momentum = entry.get("exp_avg")
     if not isinstance(momentum, torch.Tensor) or tuple(momentum.shape) != tuple(param.shape):
         raise ValueError(f"{label}: exp_avg does not match the parameter")
-    return {st.STEP: 0, **_encoded(momentum.float(), param, fmt, block_size)}
+    return {mom.STEP: 0, **_encoded(momentum.float(), param, fmt, block_size)}
 
 
 def to_lion_pytorch_state_dict(optimizer) -> dict:
@@ -160,9 +160,9 @@ def to_lion_pytorch_state_dict(optimizer) -> dict:
     state = {}
     for saved_id, entry in ours["state"].items():
         param, group = owners[saved_id]
-        fmt = st.stored_format(entry)
+        fmt = mom.stored_format(entry)
         if fmt is None:
             continue
-        values = st.decode_momentum(entry, fmt, group["block_size"])
+        values = mom.decode_momentum(entry, fmt, group["block_size"])
         state[saved_id] = {"exp_avg": values.to(param.dtype)}
     return {"state": state, "param_groups": groups}

@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import kernels, paged, quant, sharded
-from . import state as st
+from . import momentum as mom
 from .reference import (
     LionScalars,
     cautious_step_sizes,
@@ -83,8 +83,8 @@ def check_group_options(group: dict, where: str = "", *, zero_lr: bool = False) 
         math.isfinite(weight_decay) and weight_decay >= 0.0
     ):
         raise ValueError(f"Invalid weight_decay value{at}: {weight_decay}")
-    if group["state"] not in st.STATE_KINDS:
-        raise ValueError(f"Invalid state{at}: {group['state']!r} (expected one of {st.STATE_KINDS})")
+    if group["state"] not in mom.STATE_KINDS:
+        raise ValueError(f"Invalid state{at}: {group['state']!r} (expected one of {mom.STATE_KINDS})")
     if group["backend"] not in BACKENDS:
         raise ValueError(f"Invalid backend{at}: {group['backend']!r} (expected one of {BACKENDS})")
     block_size = group["block_size"]
@@ -319,7 +319,7 @@ class Lion(Optimizer):
             option), the group's lr at construction, kept in the group under that key.
         stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
             reproducible (keyed on a per-param seed, the step and the element index).
-        paged: keep the momentum of tensors of at least ``lion8bit.paged.MIN_NUMEL`` elements in
+        paged: keep the momentum of tensors of at least ``lion8bit.momentum.PAGED_MIN_NUMEL`` elements in
             CUDA managed memory, prefetched before each update (GPU only; needs bitsandbytes'
             CUDA library; warns and uses ordinary memory on CPU).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
@@ -448,29 +448,29 @@ class Lion(Optimizer):
         For a DTensor param the format follows the whole param's size, as unsharded.
         """
         block_size = group["block_size"]
-        fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+        fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
         entry = self.state[param]
         if not entry:
-            entry[st.STEP] = 0
+            entry[mom.STEP] = 0
             entry.update(self._new_momentum(param, group, fmt))
-        stored = st.stored_format(entry)
+        stored = mom.stored_format(entry)
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
-            values = st.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
-            for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+            values = mom.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
+            for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
                 entry.pop(key, None)
             entry.update(self._new_momentum(param, group, fmt))
-            st.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
-        if group["stochastic_rounding"] and st.SR_SEED not in entry:
-            entry[st.SR_SEED] = quant.mix32(index)
-        if group["skip_nonfinite"] and st.NONFINITE_SKIPS not in entry:
-            entry[st.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
+            mom.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
+        if group["stochastic_rounding"] and mom.SR_SEED not in entry:
+            entry[mom.SR_SEED] = quant.mix32(index)
+        if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
+            entry[mom.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
         return entry, fmt
 
     @staticmethod
     def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label: str) -> None:
-        if st.stored_format(entry) == "8bit":
-            found = tuple(entry[st.MOMENTUM_ABSMAX].shape)
+        if mom.stored_format(entry) == "8bit":
+            found = tuple(entry[mom.MOMENTUM_ABSMAX].shape)
             expected = sharded.absmax_shape(param, group["block_size"])
             if found != expected:
                 raise ValueError(
@@ -498,9 +498,9 @@ class Lion(Optimizer):
                 fresh = not self.state.get(param)
                 entry, fmt = self._prepare(param, group, index)
                 if not (fresh and _lr_is_zero(group["lr"])):
-                    entry[st.STEP] += 1
+                    entry[mom.STEP] += 1
                 if group["skip_nonfinite"]:
-                    skip_counters.append(entry[st.NONFINITE_SKIPS])
+                    skip_counters.append(entry[mom.NONFINITE_SKIPS])
                 buckets[backend].add(
                     param, sharded.local(param), sharded.local(param.grad),
                     sharded.local_entry(param, entry, group["block_size"]), fmt,
@@ -687,12 +687,12 @@ class Lion(Optimizer):
 
 
 _KNOWN_KEYS = {
-    st.STEP,
-    st.MOMENTUM,
-    st.MOMENTUM_CODES,
-    st.MOMENTUM_ABSMAX,
-    st.SR_SEED,
-    st.NONFINITE_SKIPS,
+    mom.STEP,
+    mom.MOMENTUM,
+    mom.MOMENTUM_CODES,
+    mom.MOMENTUM_ABSMAX,
+    mom.SR_SEED,
+    mom.NONFINITE_SKIPS,
 }
 
 
@@ -704,33 +704,33 @@ def _checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty) -
     unknown = set(entry) - _KNOWN_KEYS
     if unknown:
         raise ValueError(f"{label}: unknown state keys {sorted(unknown)}")
-    step = entry.get(st.STEP, 0)
+    step = entry.get(mom.STEP, 0)
     if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
         step = int(step)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{label}: step must be a non-negative int, got {step!r}")
-    fmt = st.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+    fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
     sharded.check_momentum(entry, param, fmt, group["block_size"], label)
-    checked = {st.STEP: step}
-    for key in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+    checked = {mom.STEP: step}
+    for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
         if key in entry:
             checked[key] = sharded.copy_state(entry[key], param, empty)
-    if st.SR_SEED in entry:
-        seed = entry[st.SR_SEED]
+    if mom.SR_SEED in entry:
+        seed = entry[mom.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"{label}: {st.SR_SEED} must be an int in [0, 2**32), got {seed!r}")
-        checked[st.SR_SEED] = seed
-    if st.NONFINITE_SKIPS in entry:
-        skips = entry[st.NONFINITE_SKIPS]
+            raise ValueError(f"{label}: {mom.SR_SEED} must be an int in [0, 2**32), got {seed!r}")
+        checked[mom.SR_SEED] = seed
+    if mom.NONFINITE_SKIPS in entry:
+        skips = entry[mom.NONFINITE_SKIPS]
         skips = sharded.local(skips) if isinstance(skips, torch.Tensor) else skips
         if isinstance(skips, bool) or not (
             isinstance(skips, int)
             or (isinstance(skips, torch.Tensor) and skips.numel() == 1 and not skips.is_floating_point())
         ):
-            raise ValueError(f"{label}: {st.NONFINITE_SKIPS} must be an integer, got {skips!r}")
+            raise ValueError(f"{label}: {mom.NONFINITE_SKIPS} must be an integer, got {skips!r}")
         device = sharded.local(param).device
-        checked[st.NONFINITE_SKIPS] = torch.as_tensor(skips, dtype=torch.int64).reshape(()).to(device, copy=True)
-    if st.stored_format(checked) is None:
+        checked[mom.NONFINITE_SKIPS] = torch.as_tensor(skips, dtype=torch.int64).reshape(()).to(device, copy=True)
+    if mom.stored_format(checked) is None:
         checked.update(sharded.new_momentum(param, fmt, group["block_size"], empty))
     return checked
 

@@ -1,7 +1,7 @@
 """Paged momentum (GPU only): buffers in CUDA managed memory, prefetched before their update.
 
 With ``paged=True``, every momentum buffer (8-bit codes and absmax, or the dense bf16 / fp32
-momentum) of a CUDA parameter whose local tensor has at least :data:`MIN_NUMEL` elements is
+momentum) of a CUDA parameter whose local tensor has at least :data:`lion8bit.momentum.PAGED_MIN_NUMEL` elements is
 allocated here, in CUDA managed memory: the driver pages it between host and device, so it is
 not counted by ``torch.cuda.memory_allocated`` (:func:`allocated_bytes` counts it). Smaller
 tensors keep ordinary device memory: managed allocations are page-granular, and bitsandbytes
@@ -26,7 +26,8 @@ import math
 
 import torch
 
-MIN_NUMEL = 100_000  # bitsandbytes 0.50.2 Optimizer8bit.get_state_buffer: p.numel() < 1e5 is not paged
+from .momentum import PAGED_MIN_NUMEL
+
 
 _ATTACH_HOST = 2  # cudaMemAttachHost, the flag of bitsandbytes' cget_managed_ptr
 _CONCURRENT_MANAGED_ACCESS = 89  # cudaDevAttrConcurrentManagedAccess: prefetch is supported
@@ -37,7 +38,7 @@ _live: dict[int, int] = {}  # data pointer -> bytes of every managed buffer aliv
 
 def wanted(like: torch.Tensor) -> bool:
     """Whether the momentum of a (local) tensor like this one is paged when ``paged=True``."""
-    return like.device.type == "cuda" and like.numel() >= MIN_NUMEL
+    return like.device.type == "cuda" and like.numel() >= PAGED_MIN_NUMEL
 
 
 def allocated_bytes() -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from . import state as st
+from . import momentum as mom
 
 # Lower bound of the cautious mask's mean (lion-pytorch cautious_lion: clamp(min=1e-5)).
 CAUTIOUS_MEAN_FLOOR = 1e-5
@@ -151,7 +151,7 @@ def reference_aligned_count(
 
     The cautious mean's pre-pass: it reads only the old momentum and the gradient.
     """
-    momentum = st.decode_momentum(entry, fmt, block_size, compute_dtype)
+    momentum = mom.decode_momentum(entry, fmt, block_size, compute_dtype)
     g, u = update_direction(grad.to(compute_dtype), momentum, scalars)
     return (u * g > 0).sum()
 
@@ -173,18 +173,18 @@ def reference_step(
     ``entry`` holds the momentum buffers in format ``fmt`` and ``STEP`` (already incremented for
     this step, it keys the stochastic rounding together with ``SR_SEED``).
     """
-    momentum = st.decode_momentum(entry, fmt, block_size, compute_dtype)
+    momentum = mom.decode_momentum(entry, fmt, block_size, compute_dtype)
     new_param, new_momentum = lion_update(
         param.to(compute_dtype), grad.to(compute_dtype), momentum, scalars, cautious_steps
     )
     param_bits = momentum_bits = None
     if stochastic_rounding:
-        seed, step = entry[st.SR_SEED], entry[st.STEP]
+        seed, step = entry[mom.SR_SEED], entry[mom.STEP]
         if param.dtype in (torch.bfloat16, torch.float16):
             key = quant.rounding_key(seed, step, quant.STREAM_PARAM)
             param_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
         if fmt == "bf16":
             key = quant.rounding_key(seed, step, quant.STREAM_MOMENTUM)
             momentum_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
-    st.encode_momentum(entry, new_momentum.float(), fmt, block_size, momentum_bits)
+    mom.encode_momentum(entry, new_momentum.float(), fmt, block_size, momentum_bits)
     param.copy_(quant.round_to_storage(new_param.float(), param.dtype, param_bits))

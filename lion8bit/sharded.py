@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from . import quant
-from . import state as st
+from . import momentum as mom
 
-_DENSE_KEYS = (st.MOMENTUM, st.MOMENTUM_CODES)  # state tensors placed like the param
+_DENSE_KEYS = (mom.MOMENTUM, mom.MOMENTUM_CODES)  # state tensors placed like the param
 
 
 def is_sharded(tensor) -> bool:
@@ -152,7 +152,7 @@ def new_momentum(
 ) -> dict[str, torch.Tensor]:
     """Zero momentum buffers for ``param``; for a DTensor, local-shard buffers as DTensors."""
     if not is_sharded(param):
-        return st.new_momentum(param, fmt, block_size, empty)
+        return mom.new_momentum(param, fmt, block_size, empty)
     local_param = local(param)
     mesh, placements = param.device_mesh, param.placements
     if fmt == "8bit":
@@ -160,12 +160,12 @@ def new_momentum(
         shards, blocks = absmax_shape(param, block_size)
         absmax = empty((1, blocks), dtype=torch.float32, device=local_param.device)
         return {
-            st.MOMENTUM_CODES: _like(codes.fill_(quant.ZERO_CODE), mesh, placements, param.shape),
-            st.MOMENTUM_ABSMAX: _like(
+            mom.MOMENTUM_CODES: _like(codes.fill_(quant.ZERO_CODE), mesh, placements, param.shape),
+            mom.MOMENTUM_ABSMAX: _like(
                 absmax.zero_(), mesh, _absmax_placements(param), (shards, blocks)
             ),
         }
-    buffers = st.new_momentum(local_param, fmt, block_size, empty)
+    buffers = mom.new_momentum(local_param, fmt, block_size, empty)
     return {key: _like(value, mesh, placements, param.shape) for key, value in buffers.items()}
 
 
@@ -175,23 +175,23 @@ def local_entry(param: torch.Tensor, entry: dict, block_size: int) -> dict:
     if not is_sharded(param):
         return entry
     view = {key: local(value) for key, value in entry.items()}
-    if st.MOMENTUM_ABSMAX in view:
+    if mom.MOMENTUM_ABSMAX in view:
         blocks = quant.num_blocks(local(param).numel(), block_size)
-        view[st.MOMENTUM_ABSMAX] = view[st.MOMENTUM_ABSMAX][0, :blocks]
-    if st.SR_SEED in view:
-        view[st.SR_SEED] = shard_seed(view[st.SR_SEED], param)
+        view[mom.MOMENTUM_ABSMAX] = view[mom.MOMENTUM_ABSMAX][0, :blocks]
+    if mom.SR_SEED in view:
+        view[mom.SR_SEED] = shard_seed(view[mom.SR_SEED], param)
     return view
 
 
 def check_momentum(entry: dict, param: torch.Tensor, fmt: str, block_size: int, where: str):
-    """:func:`lion8bit.state.check_momentum` for plain or DTensor params (ValueError naming
+    """:func:`lion8bit.momentum.check_momentum` for plain or DTensor params (ValueError naming
     ``where``); DTensor state must sit on the param's mesh with the layout above."""
-    keys = [key for key in (*_DENSE_KEYS, st.MOMENTUM_ABSMAX) if key in entry]
+    keys = [key for key in (*_DENSE_KEYS, mom.MOMENTUM_ABSMAX) if key in entry]
     if not is_sharded(param):
         for key in keys:
             if is_sharded(entry[key]):
                 raise ValueError(f"{where}: {key} is a DTensor but the parameter is not")
-        st.check_momentum(entry, param, fmt, block_size, where)
+        mom.check_momentum(entry, param, fmt, block_size, where)
         return
     for key in keys:
         value = entry[key]
@@ -207,17 +207,17 @@ def check_momentum(entry: dict, param: torch.Tensor, fmt: str, block_size: int, 
                 f"{where}: {key} is placed {value.placements} on {value.device_mesh}, "
                 f"expected {placements} on {param.device_mesh}"
             )
-    if st.MOMENTUM_ABSMAX in entry:
-        found = tuple(entry[st.MOMENTUM_ABSMAX].shape)
+    if mom.MOMENTUM_ABSMAX in entry:
+        found = tuple(entry[mom.MOMENTUM_ABSMAX].shape)
         expected = absmax_shape(param, block_size)
         if found != expected:
             raise ValueError(
-                f"{where}: {st.MOMENTUM_ABSMAX} has shape {found} (shards, blocks per shard), "
+                f"{where}: {mom.MOMENTUM_ABSMAX} has shape {found} (shards, blocks per shard), "
                 f"this sharding needs {expected}. 8-bit momentum is quantized per local shard "
                 "and cannot be resharded exactly: resume on the sharding it was saved with, "
                 'or use state="bf16" / "fp32", which reshard exactly'
             )
-    st.check_momentum(local_entry(param, entry, block_size), local(param), fmt, block_size, where)
+    mom.check_momentum(local_entry(param, entry, block_size), local(param), fmt, block_size, where)
 
 
 def copy_state(value: torch.Tensor, param: torch.Tensor, empty: Callable = torch.empty):

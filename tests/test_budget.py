@@ -14,6 +14,7 @@ import torch
 
 import lion8bit
 from lion8bit import budget
+from lion8bit import momentum as mom
 from lion8bit.budget import GIB, compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +223,7 @@ def test_frozen_params_count_as_weights_only(key, dtype):
 
 
 def test_paged_row_moves_the_large_tensors_momentum_to_paged():
-    """paged.py pages tensors of at least MIN_NUMEL elements; the rest stays on the device."""
-    from lion8bit import paged as paged_state
+    """paged.py pages tensors of at least PAGED_MIN_NUMEL elements; the rest stays on the device."""
 
     model = budget.catalog_model("gpt2")
     result = compare(model, "bf16", ["lion8bit", "paged-lion8bit"])
@@ -232,8 +232,8 @@ def test_paged_row_moves_the_large_tensors_momentum_to_paged():
     def state_of(p):
         return compare([p.shape], "bf16", ["lion8bit"]).row("lion8bit").state
 
-    large = [state_of(p) for p in model.params if p.numel >= paged_state.MIN_NUMEL]
-    small = [state_of(p) for p in model.params if p.numel < paged_state.MIN_NUMEL]
+    large = [state_of(p) for p in model.params if p.numel >= mom.PAGED_MIN_NUMEL]
+    small = [state_of(p) for p in model.params if p.numel < mom.PAGED_MIN_NUMEL]
     assert large and small, "gpt2 has both (LayerNorm and biases are small)"
     assert paged.paged == sum(large)
     assert paged.state == sum(small) + max(large)

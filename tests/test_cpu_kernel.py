@@ -16,7 +16,7 @@ import torch
 from test_quant import _boundary_values, brute_force_codes
 
 from lion8bit import Lion, kernels, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 from lion8bit.kernels import cpu_build, cpu_lion
 from lion8bit.optimizer import _resolve_backend, lion
 from lion8bit.reference import lion_scalars
@@ -86,11 +86,11 @@ def make_tensor(numel, param_dtype, grad_dtype, fmt, generator, block_size=quant
     if numel > block_size:
         momentum[:block_size] = 0.0  # an all-zero block: absmax 0 before the step
     entry = {
-        st.STEP: int(torch.randint(1, 10**6, (1,), generator=generator)),
-        st.SR_SEED: int(torch.randint(0, 2**32, (1,), generator=generator)),
+        mom.STEP: int(torch.randint(1, 10**6, (1,), generator=generator)),
+        mom.SR_SEED: int(torch.randint(0, 2**32, (1,), generator=generator)),
     }
-    entry.update(st.new_momentum(param, fmt, block_size))
-    st.encode_momentum(entry, momentum, fmt, block_size)
+    entry.update(mom.new_momentum(param, fmt, block_size))
+    mom.encode_momentum(entry, momentum, fmt, block_size)
     return param, grad.to(grad_dtype), entry
 
 
@@ -102,7 +102,7 @@ def batch(sizes, generator, block_size=quant.BLOCK_SIZE, pairings=PAIRINGS, form
         for fmt in formats
     ]
     params, grads, entries = (list(column) for column in zip(*tensors))
-    formats = [st.stored_format(entry) for entry in entries]
+    formats = [mom.stored_format(entry) for entry in entries]
     return params, grads, entries, formats
 
 
@@ -182,7 +182,7 @@ def test_non_contiguous_params_grads_and_state(kernel, fmt):
     for index, (param, grad, entry) in enumerate(zip(params, grads, entries)):
         params[index] = param.view(40, 130).t()  # the flat order is the transposed view's
         grads[index] = torch.cat([grad.view(40, 130), grad.view(40, 130)], dim=1)[:, ::2].t()
-        for key in (st.MOMENTUM, st.MOMENTUM_CODES):
+        for key in (mom.MOMENTUM, mom.MOMENTUM_CODES):
             if key in entry:
                 entry[key] = entry[key].view(130, 40).t().contiguous().t()
     assert not params[0].is_contiguous() and not grads[0].is_contiguous()
@@ -208,12 +208,12 @@ def test_blocks_with_a_subnormal_absmax_as_in_the_reference(kernel):
     params, grads, entries, formats = batch([5000], generator, pairings=PAIRINGS[:2], formats=["8bit"])
     for grad, entry in zip(grads, entries):
         grad[256:768] = 0.0
-        entry[st.MOMENTUM_ABSMAX][1:3] = torch.tensor([3e-39, 1e-45])
-        entry[st.MOMENTUM_CODES][256:768:3] = quant.ZERO_CODE
+        entry[mom.MOMENTUM_ABSMAX][1:3] = torch.tensor([3e-39, 1e-45])
+        entry[mom.MOMENTUM_CODES][256:768:3] = quant.ZERO_CODE
     step_both(params, grads, entries, formats, group_of(0.3, 1.0, False, False, False, False))
     for entry in entries:
-        assert entry[st.MOMENTUM_ABSMAX][1] < torch.finfo(torch.float32).tiny
-        assert torch.all(entry[st.MOMENTUM_CODES][256:768:3] == quant.ZERO_CODE)
+        assert entry[mom.MOMENTUM_ABSMAX][1] < torch.finfo(torch.float32).tiny
+        assert torch.all(entry[mom.MOMENTUM_CODES][256:768:3] == quant.ZERO_CODE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -222,7 +222,7 @@ def test_every_16_bit_param_value(kernel, dtype, sr):
     """All 65536 bit patterns as params (subnormals, the largest finite values, infinities, NaN
     payloads), decayed: the kernel's own fp16 / bf16 conversions against torch's."""
     param = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).clone()
-    entry = {st.STEP: 3, st.SR_SEED: 7, **st.new_momentum(param, "bf16", quant.BLOCK_SIZE)}
+    entry = {mom.STEP: 3, mom.SR_SEED: 7, **mom.new_momentum(param, "bf16", quant.BLOCK_SIZE)}
     grad = torch.randn(param.numel()).to(dtype)
     grad[::2] = 0.0  # with zero momentum: u = 0, so the param is only decayed (and rounded)
     step_both([param], [grad], [entry], ["bf16"], group_of(0.3, 1.0, False, False, False, sr))
@@ -249,12 +249,12 @@ def test_requantizer_equals_brute_force(kernel):
     blocks = values.view(-1, per_block)
     grad = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
     param = torch.zeros_like(grad)
-    entry = {st.STEP: 1, **st.new_momentum(param, "8bit", quant.BLOCK_SIZE)}
+    entry = {mom.STEP: 1, **mom.new_momentum(param, "8bit", quant.BLOCK_SIZE)}
     group = dict(lr=LR, betas=(0.9, 0.0), weight_decay=0.0)
     lion([param], [grad], [entry], ["8bit"], scalars=lion_scalars(group), block_size=quant.BLOCK_SIZE,
          stochastic_rounding=False, backend="cpu")
-    assert torch.equal(entry[st.MOMENTUM_ABSMAX], torch.ones(blocks.shape[0]))
-    codes = entry[st.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:]
+    assert torch.equal(entry[mom.MOMENTUM_ABSMAX], torch.ones(blocks.shape[0]))
+    codes = entry[mom.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:]
     assert torch.equal(codes.reshape(-1), brute_force_codes(blocks.reshape(-1)))
 
 
@@ -273,11 +273,11 @@ def test_device_and_dtype_are_checked():
     scalars = lion_scalars(group_of(0, 1, 0, 0, 0, 0))
     options = dict(scalars=scalars, block_size=256, stochastic_rounding=False, cautious_steps=None)
     param = torch.empty(4, device="meta")
-    entry = {st.STEP: 1, st.MOMENTUM: torch.empty(4, device="meta")}
+    entry = {mom.STEP: 1, mom.MOMENTUM: torch.empty(4, device="meta")}
     with pytest.raises(ValueError, match='Invalid device for backend="cpu"'):
         cpu_lion.cpu_lion_step([param], [param], [entry], ["fp32"], **options)
     param = torch.zeros(4, dtype=torch.float64)
-    entry = {st.STEP: 1, st.MOMENTUM: torch.zeros(4)}
+    entry = {mom.STEP: 1, mom.MOMENTUM: torch.zeros(4)}
     with pytest.raises(ValueError, match='Invalid dtype for backend="cpu"'):
         cpu_lion.cpu_lion_step([param], [param], [entry], ["fp32"], **options)
 

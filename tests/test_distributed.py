@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lion8bit import Lion
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 pytestmark = [
     pytest.mark.distributed,
@@ -210,14 +210,14 @@ def _fsdp_trajectories(rank, world_size, configs, steps, mesh_shape=None):
             ).hexdigest(),
             "state_bytes_unsharded": state_bytes(reference),
             "shard_seeds": [
-                sharded.local_entry(param, optimizer.state[param], options.get("block_size", 256)).get(st.SR_SEED)
+                sharded.local_entry(param, optimizer.state[param], options.get("block_size", 256)).get(mom.SR_SEED)
                 for param in model.parameters()
             ],
             "local_shapes_match": all(
                 sharded.local(value).shape == sharded.local(param).shape
                 for param in model.parameters()
                 for key, value in optimizer.state[param].items()
-                if key in (st.MOMENTUM, st.MOMENTUM_CODES)
+                if key in (mom.MOMENTUM, mom.MOMENTUM_CODES)
             ),
         }
         torch.manual_seed(0)
@@ -338,7 +338,7 @@ def test_dtensor_misuse_raises_clear_errors(tmp_path):
 
 def _fsdp_skip_nonfinite(rank, world_size):
     """A NaN in rank 0's shard only: with skip_nonfinite every rank must skip that step."""
-    from lion8bit import state as st
+    from lion8bit import momentum as mom
     from lion8bit.sharded import local
 
     model, _ = make_fsdp_model()
@@ -352,7 +352,7 @@ def _fsdp_skip_nonfinite(rank, world_size):
     optimizer.step()
     optimizer.zero_grad()
     unchanged = all(torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
-    skips = sorted({int(entry[st.NONFINITE_SKIPS]) for entry in optimizer.state.values()})
+    skips = sorted({int(entry[mom.NONFINITE_SKIPS]) for entry in optimizer.state.values()})
     train_step(model, optimizer, batch(3, rank))
     moved = any(not torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
     return {"unchanged": unchanged, "skips": skips, "moved_after": moved}
@@ -505,7 +505,7 @@ def _dcp_resume(rank, world_size, root, cases):
                     created = _snapshot(model, optimizer)
                     finals["untouched by saving"] = not _same(
                         before, {k: v for k, v in created.items() if k in before}
-                    ) and all(optimizer.state[p][st.STEP] == save_at for p in model.parameters())
+                    ) and all(optimizer.state[p][mom.STEP] == save_at for p in model.parameters())
             _train(model, optimizer, rank, range(save_at, save_at + 4))
             finals[run] = _snapshot(model, optimizer)
         reports.append({
@@ -533,7 +533,7 @@ def test_dcp_save_and_load_resume_the_uninterrupted_trajectory(tmp_path):
             assert report["saving_vs_uninterrupted"] == [], report
             assert report["resumed_vs_uninterrupted"] == [], report
             assert report["untouched_by_saving"], report
-            assert any(st.STEP in key for key in report["state_keys"]), report
+            assert any(mom.STEP in key for key in report["state_keys"]), report
 
 
 @pytest.mark.parametrize("kind", STATE_KINDS)
@@ -554,8 +554,8 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
     for param, other in zip(model.parameters(), twin.parameters()):
         assert torch.equal(param, other)
         entry = optimizer.state[param]
-        assert entry[st.STEP] == 0
-        assert torch.equal(st.decode_momentum(entry, st.stored_format(entry), 256), torch.zeros(param.shape))
+        assert entry[mom.STEP] == 0
+        assert torch.equal(mom.decode_momentum(entry, mom.stored_format(entry), 256), torch.zeros(param.shape))
     for step in range(3):
         train_step(model, optimizer, batch(step, 0))
         train_step(twin, untouched, batch(step, 0))

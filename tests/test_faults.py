@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lion8bit import Lion, kernels, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 from lion8bit.optimizer import torch_lion_step
 from lion8bit.reference import lion_scalars
 
@@ -28,7 +28,7 @@ def snapshot(net, optimizer):
     return copy.deepcopy([p.detach() for p in net.parameters()]), copy.deepcopy(dict(optimizer.state))
 
 
-def assert_unchanged(before, net, optimizer, ignore=(st.STEP, st.NONFINITE_SKIPS)):
+def assert_unchanged(before, net, optimizer, ignore=(mom.STEP, mom.NONFINITE_SKIPS)):
     params, state = before
     for old, new in zip(params, net.parameters()):
         assert torch.equal(old, new.detach())
@@ -70,14 +70,14 @@ def test_grad_scaler_skips_a_step_with_inf_grads_leaving_params_and_momentum_bit
         scaler.step(optimizer)
         scaler.update()
     before = snapshot(net, optimizer)
-    steps_before = [e[st.STEP] for e in optimizer.state.values()]
+    steps_before = [e[mom.STEP] for e in optimizer.state.values()]
     optimizer.zero_grad()
     scaler.scale(loss()).backward()
     next(net.parameters()).grad.view(-1)[3] = float("inf")
     scaler.step(optimizer)
     scaler.update()
     assert_unchanged(before, net, optimizer, ignore=())
-    assert [e[st.STEP] for e in optimizer.state.values()] == steps_before
+    assert [e[mom.STEP] for e in optimizer.state.values()] == steps_before
     assert scaler.get_scale() == 2.0**9, "the scaler saw the inf and backed off"
     optimizer.zero_grad()
     scaler.scale(loss()).backward()
@@ -106,15 +106,15 @@ def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poiso
     grads_for(net, 99, poison=poison)  # one bad element in one param: every param skips
     optimizer.step()
     assert_unchanged(before, net, optimizer)
-    assert all(int(e[st.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
-    assert all(e[st.STEP] == 3 for e in optimizer.state.values()), "step counts calls: no RNG key reused"
+    assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
+    assert all(e[mom.STEP] == 3 for e in optimizer.state.values()), "step counts calls: no RNG key reused"
     for seed in (2, 3):  # afterwards the run goes on as if the bad step had not been offered
         for n, o in ((net, optimizer), (clean, reference)):
             grads_for(n, seed)
             o.step()
     for a, b in zip(net.parameters(), clean.parameters()):
         assert torch.equal(a, b)
-    assert all(int(e[st.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
+    assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
 
 
 def test_skip_nonfinite_survives_a_checkpoint():
@@ -124,16 +124,16 @@ def test_skip_nonfinite_survives_a_checkpoint():
     optimizer.step()
     loaded = Lion(net.parameters(), **OPTIONS, skip_nonfinite=True)
     loaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    assert all(int(e[st.NONFINITE_SKIPS]) == 1 for e in loaded.state.values())
-    assert all(e[st.NONFINITE_SKIPS].dtype == torch.int64 for e in loaded.state.values())
+    assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in loaded.state.values())
+    assert all(e[mom.NONFINITE_SKIPS].dtype == torch.int64 for e in loaded.state.values())
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "bf16", "fp32"])
 def test_torch_backend_device_flag_puts_everything_back(fmt):
     """The path a CUDA tensor on backend="torch" takes (the flag stays on the device)."""
     param = torch.randn(5000).bfloat16()
-    entry = {st.STEP: 1, st.SR_SEED: 7, **st.new_momentum(param, fmt, 256)}
-    st.encode_momentum(entry, torch.randn(5000) * 0.01, fmt, 256)
+    entry = {mom.STEP: 1, mom.SR_SEED: 7, **mom.new_momentum(param, fmt, 256)}
+    mom.encode_momentum(entry, torch.randn(5000) * 0.01, fmt, 256)
     grad = torch.randn(5000).bfloat16() * 0.01
     scalars = lion_scalars({**OPTIONS, "betas": (0.9, 0.99), "decoupled_initial_lr": 1e-3})
     common = dict(scalars=scalars, block_size=256, stochastic_rounding=True, cautious_steps=None)
@@ -161,7 +161,7 @@ def test_without_skip_a_nan_grad_freezes_its_momentum_block_as_documented(backen
     p.grad[300] = float("nan")
     optimizer.step()
     entry = optimizer.state[p]
-    momentum = quant.dequantize_blockwise(entry[st.MOMENTUM_CODES], entry[st.MOMENTUM_ABSMAX])
+    momentum = quant.dequantize_blockwise(entry[mom.MOMENTUM_CODES], entry[mom.MOMENTUM_ABSMAX])
     assert torch.isnan(momentum[256:512]).all() and torch.isfinite(momentum[:256]).all()
     before = p.detach().clone()
     p.grad = torch.randn(4096) * 0.01
@@ -183,7 +183,7 @@ def test_without_skip_an_inf_grad_keeps_its_param_moving_one_way_as_documented(b
         p.grad = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * 0.01
         optimizer.step()
         assert p[300] == before[300] - torch.tensor(1e-3), "u = sign(inf) = +1 whatever the grad"
-    assert torch.isinf(optimizer.state[p][st.MOMENTUM][300])
+    assert torch.isinf(optimizer.state[p][mom.MOMENTUM][300])
 
 
 # -- a failed step changes nothing ---------------------------------------------------------------
@@ -199,13 +199,13 @@ def test_a_step_that_fails_a_check_changes_nothing():
     second.grad = torch.randn(80, 80).to_sparse()  # the second param's grad is bad
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
-    assert torch.equal(first, before[0][0]) and optimizer.state[first][st.STEP] == 1
+    assert torch.equal(first, before[0][0]) and optimizer.state[first][mom.STEP] == 1
     second.grad = torch.randn(80, 80)
     optimizer.param_groups[0]["backend"] = "triton"  # CPU tensors, no interpreter
     if kernels.available("triton") and not kernels.interpreting():
         with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
             optimizer.step()
-        assert torch.equal(first, before[0][0]) and optimizer.state[first][st.STEP] == 1
+        assert torch.equal(first, before[0][0]) and optimizer.state[first][mom.STEP] == 1
 
 
 def test_a_grad_reshaped_behind_autograds_back_is_rejected_naming_the_param():

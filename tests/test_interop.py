@@ -9,7 +9,7 @@ import torch
 from lion_pytorch.cautious_lion import Lion as CautiousLionPytorch
 
 from lion8bit import Lion, interop, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 SHAPES = [(64, 100), (50,)]  # 6400 elements: 8-bit in bitsandbytes too; 50: fp32 there
 
@@ -70,10 +70,10 @@ def test_bitsandbytes_8bit_codes_load_bit_for_bit(layout):
     assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.95, 0.98), 0.1)
     big, small = ours
     their_big, their_small = (bnb_opt.state[p] for p in params)
-    assert optimizer.state[big][st.STEP] == 3
-    assert torch.equal(optimizer.state[big][st.MOMENTUM_CODES], their_big["state1"])
-    assert torch.equal(optimizer.state[big][st.MOMENTUM_ABSMAX], their_big["absmax1"])
-    assert torch.equal(optimizer.state[small][st.MOMENTUM], their_small["state1"])
+    assert optimizer.state[big][mom.STEP] == 3
+    assert torch.equal(optimizer.state[big][mom.MOMENTUM_CODES], their_big["state1"])
+    assert torch.equal(optimizer.state[big][mom.MOMENTUM_ABSMAX], their_big["absmax1"])
+    assert torch.equal(optimizer.state[small][mom.MOMENTUM], their_small["state1"])
 
 
 @pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
@@ -90,8 +90,8 @@ def test_bitsandbytes_state_continues_like_bitsandbytes(state):
         for p in params
     }
     for p, q in zip(params, ours):
-        fmt = st.stored_format(optimizer.state[q])
-        loaded = st.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
+        fmt = mom.stored_format(optimizer.state[q])
+        loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
         exact = expected[id(p)]
         if fmt == "bf16":
             exact = exact.bfloat16().float()
@@ -126,9 +126,9 @@ def test_lion_pytorch_state_loads(state, cautious):
     if cautious:
         assert group["cautious_factor"] == 0.25 and group["cautious_weight_decay"] is True
     for p, q in zip(params, ours):
-        fmt = st.stored_format(optimizer.state[q])
-        assert fmt == st.momentum_format(q.numel(), state, 4096)
-        loaded = st.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
+        fmt = mom.stored_format(optimizer.state[q])
+        assert fmt == mom.momentum_format(q.numel(), state, 4096)
+        loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
         original = theirs.state[p]["exp_avg"]
         if fmt == "fp32":
             assert torch.equal(loaded, original)
@@ -150,7 +150,7 @@ def test_export_to_lion_pytorch_continues_identically():
     theirs = lion_pytorch.Lion(theirs_params, lr=1.0)
     theirs.load_state_dict(exported)
     for p, q in zip(params, theirs_params):
-        assert torch.equal(theirs.state[q]["exp_avg"], ours.state[p][st.MOMENTUM])
+        assert torch.equal(theirs.state[q]["exp_avg"], ours.state[p][mom.MOMENTUM])
     fill_grads(params, 7)
     fill_grads(theirs_params, 7)
     ours.step()
@@ -166,7 +166,7 @@ def test_export_from_8bit_dequantizes():
     ours.step()
     exported = interop.to_lion_pytorch_state_dict(ours)
     entry = ours.state[params[0]]
-    expected = quant.dequantize_blockwise(entry[st.MOMENTUM_CODES], entry[st.MOMENTUM_ABSMAX])
+    expected = quant.dequantize_blockwise(entry[mom.MOMENTUM_CODES], entry[mom.MOMENTUM_ABSMAX])
     assert torch.equal(exported["state"][0]["exp_avg"], expected)
 
 

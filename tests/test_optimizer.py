@@ -7,7 +7,7 @@ import torch
 
 import lion8bit
 from lion8bit import Lion, Lion8bit, PagedLion8bit
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 
 def param(*shape, dtype=torch.float32):
@@ -117,7 +117,7 @@ def test_paged_on_cpu_warns_once_and_uses_ordinary_memory():
         optimizer.step()
         optimizer.step()
     assert len([w for w in record if "paged" in str(w.message)]) == 1
-    assert optimizer.state[params[0]][st.MOMENTUM_CODES].device.type == "cpu"
+    assert optimizer.state[params[0]][mom.MOMENTUM_CODES].device.type == "cpu"
 
 
 def test_step_returns_the_closure_loss_and_enables_grad():
@@ -145,7 +145,7 @@ def test_params_without_grads_are_skipped_and_zero_size_is_fine():
     optimizer.step()
     assert torch.equal(without_grad, before)
     assert without_grad not in optimizer.state
-    assert optimizer.state[empty][st.STEP] == 1
+    assert optimizer.state[empty][mom.STEP] == 1
 
 
 def test_per_group_overrides_including_state():
@@ -159,9 +159,9 @@ def test_per_group_overrides_including_state():
         lr=1e-3,
     )
     optimizer.step()
-    assert st.stored_format(optimizer.state[big[0]]) == "8bit"
-    assert st.stored_format(optimizer.state[big[1]]) == "bf16"
-    assert st.stored_format(optimizer.state[big[2]]) == "fp32"
+    assert mom.stored_format(optimizer.state[big[0]]) == "8bit"
+    assert mom.stored_format(optimizer.state[big[1]]) == "bf16"
+    assert mom.stored_format(optimizer.state[big[2]]) == "fp32"
     assert optimizer.param_groups[1]["lr"] == 1e-2 and optimizer.param_groups[2]["weight_decay"] == 0.5
 
 
@@ -169,13 +169,13 @@ def test_changing_a_groups_state_kind_reencodes_the_momentum():
     p = param(80, 80)
     optimizer = Lion([p], lr=1e-3, state="fp32")
     optimizer.step()
-    momentum = optimizer.state[p][st.MOMENTUM].clone()
+    momentum = optimizer.state[p][mom.MOMENTUM].clone()
     optimizer.param_groups[0]["state"] = "bf16"
     p.grad = torch.zeros_like(p)
     optimizer.step()  # zero grads: the momentum only decays by beta2, in bf16 now
-    assert st.stored_format(optimizer.state[p]) == "bf16"
+    assert mom.stored_format(optimizer.state[p]) == "bf16"
     expected = (momentum.bfloat16().float() * 0.99).bfloat16()
-    assert torch.equal(optimizer.state[p][st.MOMENTUM], expected)
+    assert torch.equal(optimizer.state[p][mom.MOMENTUM], expected)
 
 
 def test_decoupled_decay_divides_by_the_lr_at_construction_whatever_the_scheduler():

@@ -11,9 +11,9 @@ import torch
 
 import lion8bit.optimizer
 from lion8bit import Lion8bit, PagedLion8bit, paged
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
-BIG = (512, 256)  # 131072 elements: paged (paged.MIN_NUMEL = 100000)
+BIG = (512, 256)  # 131072 elements: paged (mom.PAGED_MIN_NUMEL = 100000)
 SMALL = (64, 64)  # 4096 elements: ordinary device memory
 OPTIONS = dict(lr=1e-3, weight_decay=0.1)
 
@@ -35,11 +35,11 @@ def train(optimizer, params, steps, seed=1):
 
 
 def momentum_buffers(optimizer, param):
-    return [v for k, v in optimizer.state[param].items() if k in (st.MOMENTUM, st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX)]
+    return [v for k, v in optimizer.state[param].items() if k in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX)]
 
 
 def paged_bytes_of(params):
-    return sum(st.momentum_nbytes(p.numel(), "8bit") for p in params if p.numel() >= paged.MIN_NUMEL)
+    return sum(mom.momentum_nbytes(p.numel(), "8bit") for p in params if p.numel() >= mom.PAGED_MIN_NUMEL)
 
 
 @pytest.mark.gpu
@@ -51,7 +51,7 @@ def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
     train(unpaged, twins, 5)
     for param, twin in zip(params, twins):
         assert torch.equal(param, twin)
-        assert all(paged.is_paged(b) == (param.numel() >= paged.MIN_NUMEL) for b in momentum_buffers(optimizer, param))
+        assert all(paged.is_paged(b) == (param.numel() >= mom.PAGED_MIN_NUMEL) for b in momentum_buffers(optimizer, param))
     assert paged.allocated_bytes() - before == paged_bytes_of(params)
 
 
@@ -66,7 +66,7 @@ def test_paged_bytes_are_not_counted_by_memory_allocated():
     optimizer.step()  # creates the state; the step's temporaries are freed again
     torch.cuda.synchronize()
     grown = torch.cuda.memory_allocated() - allocated
-    small = st.momentum_nbytes(SMALL[0] * SMALL[1], "8bit")
+    small = mom.momentum_nbytes(SMALL[0] * SMALL[1], "8bit")
     assert grown <= small + 2 * 512  # the caching allocator rounds each block up to 512 bytes
     assert paged_bytes_of(params) > 10 * grown
 
@@ -81,7 +81,7 @@ def test_paging_survives_load_state_dict():
         loaded.load_state_dict(state_dict)
         for param, twin in zip(params, loaded.param_groups[0]["params"]):
             for buffer, original in zip(momentum_buffers(loaded, twin), momentum_buffers(optimizer, param)):
-                assert paged.is_paged(buffer) == (param.numel() >= paged.MIN_NUMEL)
+                assert paged.is_paged(buffer) == (param.numel() >= mom.PAGED_MIN_NUMEL)
                 assert buffer.dtype == original.dtype and torch.equal(buffer, original)
 
 
@@ -155,7 +155,7 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
     original = lion8bit.optimizer.lion
 
     def recording_lion(params, grads, entries, *args, **kwargs):
-        events.append(("update", [entry[st.MOMENTUM_CODES].data_ptr() for entry in entries if st.MOMENTUM_CODES in entry]))
+        events.append(("update", [entry[mom.MOMENTUM_CODES].data_ptr() for entry in entries if mom.MOMENTUM_CODES in entry]))
         return original(params, grads, entries, *args, **kwargs)
 
     monkeypatch.setattr(lion8bit.optimizer, "lion", recording_lion)
@@ -166,7 +166,7 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
         warnings.simplefilter("ignore")  # paged=True on CPU warns
         optimizer = PagedLion8bit(params, min_8bit_size=16)
         optimizer.step()
-    codes = [optimizer.state[p][st.MOMENTUM_CODES].data_ptr() for p in (params[0], params[2])]
+    codes = [optimizer.state[p][mom.MOMENTUM_CODES].data_ptr() for p in (params[0], params[2])]
     assert events == [
         ("prefetch", codes[0]), ("update", [codes[0]]),
         ("update", []),  # the small param keeps fp32 momentum: nothing to prefetch
@@ -215,6 +215,6 @@ def test_loaded_state_of_a_paged_group_lands_in_buffers_from_its_allocator(monke
         assert all(buffer.data_ptr() in from_allocator for buffer in buffers)
     assert not any(buffer.data_ptr() in from_allocator for buffer in momentum_buffers(target, plain_params[0]))
     # The loaded values arrived intact in the new buffers.
-    for name in (st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX):
+    for name in (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
         for param_id, param in enumerate(paged_params):
             assert torch.equal(target.state[param][name], saved["state"][param_id][name])

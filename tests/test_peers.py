@@ -7,7 +7,7 @@ import torch
 from lion_pytorch.cautious_lion import Lion as CautiousLionPytorch
 
 from lion8bit import Lion, Lion8bit, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 STEPS = 50
 LR = 1e-3
@@ -34,8 +34,8 @@ BNB_STATE_ATOL, BNB_STATE_RTOL, BNB_STATE_MAX_NOT_CLOSE = 3e-3, 1e-3, 20
 
 def momentum_of(optimizer, param) -> torch.Tensor:
     entry = optimizer.state[param]
-    fmt = st.stored_format(entry)
-    return st.decode_momentum(entry, fmt, optimizer.param_groups[0]["block_size"])
+    fmt = mom.stored_format(entry)
+    return mom.decode_momentum(entry, fmt, optimizer.param_groups[0]["block_size"])
 
 
 def _pair(shape, dtype=torch.float32, reference_dtype=torch.float32):
@@ -84,7 +84,7 @@ def test_cautious_weight_decay_differs_from_lion_pytorch_only_where_the_update_i
     theirs.grad, ours.grad = g.clone(), g.clone()
     ours.grad.zero_()
     our_opt.step()  # creates the state; then put the same momentum and param back
-    our_opt.state[ours][st.MOMENTUM].copy_(momentum)
+    our_opt.state[ours][mom.MOMENTUM].copy_(momentum)
     ours.data.copy_(theirs.data)
     ours.grad = g.clone()
     before = theirs.detach().clone()
@@ -141,20 +141,20 @@ def test_side_by_side_with_bitsandbytes_lion8bit(dtype):
         g = (torch.randn(shape) * 0.01).to(dtype)
         theirs.grad, ours.grad = g.clone(), g.clone()
         if step:
-            our_opt.state[ours][st.MOMENTUM_CODES].copy_(their_opt.state[theirs]["state1"])
-            our_opt.state[ours][st.MOMENTUM_ABSMAX].copy_(their_opt.state[theirs]["absmax1"])
+            our_opt.state[ours][mom.MOMENTUM_CODES].copy_(their_opt.state[theirs]["state1"])
+            our_opt.state[ours][mom.MOMENTUM_ABSMAX].copy_(their_opt.state[theirs]["absmax1"])
             with torch.no_grad():
                 ours.copy_(theirs)
         their_opt.step()
         our_opt.step()
         assert torch.equal(ours, theirs)
         their_codes = their_opt.state[theirs]["state1"].long()
-        our_codes = our_opt.state[ours][st.MOMENTUM_CODES].long()
+        our_codes = our_opt.state[ours][mom.MOMENTUM_CODES].long()
         codes = quant.codebook()
         assert (codes[their_codes] - codes[our_codes]).abs().max() <= COARSEST_CODE_STEP
         assert (their_codes != our_codes).float().mean() < 0.01
         torch.testing.assert_close(
-            our_opt.state[ours][st.MOMENTUM_ABSMAX], their_opt.state[theirs]["absmax1"], rtol=1e-6, atol=0
+            our_opt.state[ours][mom.MOMENTUM_ABSMAX], their_opt.state[theirs]["absmax1"], rtol=1e-6, atol=0
         )
 
 
@@ -164,7 +164,7 @@ def test_state_tensors_are_what_the_format_says():
     for p in (small, large):
         p.grad = torch.randn_like(p)
     optimizer.step()
-    assert optimizer.state[small][st.MOMENTUM].dtype == torch.float32, "under min_8bit_size: fp32"
-    assert optimizer.state[large][st.MOMENTUM_CODES].dtype == torch.uint8
-    assert optimizer.state[large][st.MOMENTUM_CODES].shape == large.shape
-    assert optimizer.state[large][st.MOMENTUM_ABSMAX].shape == (quant.num_blocks(5000),)
+    assert optimizer.state[small][mom.MOMENTUM].dtype == torch.float32, "under min_8bit_size: fp32"
+    assert optimizer.state[large][mom.MOMENTUM_CODES].dtype == torch.uint8
+    assert optimizer.state[large][mom.MOMENTUM_CODES].shape == large.shape
+    assert optimizer.state[large][mom.MOMENTUM_ABSMAX].shape == (quant.num_blocks(5000),)

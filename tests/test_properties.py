@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from lion8bit import Lion, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 from lion8bit.reference import lion_scalars, reference_step
 
 from backends import CPU_BACKENDS
@@ -21,7 +21,7 @@ def cases(draw):
         lr=draw(hs.sampled_from([1e-5, 3e-4, 1e-2])),
         betas=(draw(hs.sampled_from([0.0, 0.9, 0.95])), draw(hs.sampled_from([0.0, 0.98, 0.99]))),
         weight_decay=draw(hs.sampled_from([0.0, 0.1, 1.0])),
-        state=draw(hs.sampled_from(st.STATE_KINDS)),
+        state=draw(hs.sampled_from(mom.STATE_KINDS)),
         block_size=draw(hs.sampled_from([64, 256, 1024])),
         min_8bit_size=draw(hs.sampled_from([0, 4096])),
         cautious_factor=draw(hs.sampled_from([1.0, 0.5, 0.0])),
@@ -49,16 +49,16 @@ def test_step_equals_reference(backend, case):
     optimizer = Lion([param], backend=backend, **group)
 
     expected = start.clone()
-    fmt = st.momentum_format(expected.numel(), group["state"], group["min_8bit_size"])
-    entry = {st.STEP: 0, **st.new_momentum(expected, fmt, group["block_size"])}
+    fmt = mom.momentum_format(expected.numel(), group["state"], group["min_8bit_size"])
+    entry = {mom.STEP: 0, **mom.new_momentum(expected, fmt, group["block_size"])}
     if group["stochastic_rounding"]:
-        entry[st.SR_SEED] = quant.mix32(0)
+        entry[mom.SR_SEED] = quant.mix32(0)
     scalars = lion_scalars({**group, "decoupled_initial_lr": group["lr"]})
     for g in grads:
         g = g if grad_fp32 else g.to(dtype)
         param.grad = g.clone()
         optimizer.step()
-        entry[st.STEP] += 1
+        entry[mom.STEP] += 1
         reference_step(
             expected, g, entry, scalars, fmt=fmt, block_size=group["block_size"],
             stochastic_rounding=group["stochastic_rounding"],

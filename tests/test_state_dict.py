@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lion8bit import Lion
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 from backends import CPU_BACKENDS
 
@@ -104,10 +104,10 @@ def test_dtypes_survive_loading(dtype):
         loaded.load_state_dict(save_and_load(source_opt.state_dict()))
         assert_same_state(source_opt, loaded)
     weight, bias = model[0].weight, model[0].bias
-    assert optimizer.state[weight][st.MOMENTUM_CODES].dtype == torch.uint8
-    assert optimizer.state[weight][st.MOMENTUM_ABSMAX].dtype == torch.float32
-    assert optimizer.state[bias][st.MOMENTUM].dtype == torch.float32  # under min_8bit_size
-    assert bf16_opt.state[bf16_model[0].weight][st.MOMENTUM].dtype == torch.bfloat16
+    assert optimizer.state[weight][mom.MOMENTUM_CODES].dtype == torch.uint8
+    assert optimizer.state[weight][mom.MOMENTUM_ABSMAX].dtype == torch.float32
+    assert optimizer.state[bias][mom.MOMENTUM].dtype == torch.float32  # under min_8bit_size
+    assert bf16_opt.state[bf16_model[0].weight][mom.MOMENTUM].dtype == torch.bfloat16
 
 
 def test_loaded_state_is_a_copy():
@@ -117,8 +117,8 @@ def test_loaded_state_is_a_copy():
     state_dict = optimizer.state_dict()
     other = Lion(model.parameters(), lr=1e-3)
     other.load_state_dict(state_dict)
-    codes = other.state[model[0].weight][st.MOMENTUM_CODES]
-    assert codes.data_ptr() != optimizer.state[model[0].weight][st.MOMENTUM_CODES].data_ptr()
+    codes = other.state[model[0].weight][mom.MOMENTUM_CODES]
+    assert codes.data_ptr() != optimizer.state[model[0].weight][mom.MOMENTUM_CODES].data_ptr()
 
 
 def test_hyperparameters_come_from_the_checkpoint_but_not_the_backend():
@@ -181,11 +181,11 @@ def test_another_model_is_rejected_naming_the_parameter():
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda e: e.update({st.MOMENTUM_ABSMAX: e[st.MOMENTUM_ABSMAX][:-1]}), "momentum_absmax has shape"),
-        (lambda e: e.update({st.MOMENTUM_ABSMAX: e[st.MOMENTUM_ABSMAX].half()}), "fp32"),
-        (lambda e: e.update({st.MOMENTUM_CODES: e[st.MOMENTUM_CODES].float()}), "uint8"),
-        (lambda e: e.update({st.MOMENTUM_CODES: e[st.MOMENTUM_CODES][:10]}), "momentum_codes has shape"),
-        (lambda e: e.update({st.STEP: -1}), "step"),
+        (lambda e: e.update({mom.MOMENTUM_ABSMAX: e[mom.MOMENTUM_ABSMAX][:-1]}), "momentum_absmax has shape"),
+        (lambda e: e.update({mom.MOMENTUM_ABSMAX: e[mom.MOMENTUM_ABSMAX].half()}), "fp32"),
+        (lambda e: e.update({mom.MOMENTUM_CODES: e[mom.MOMENTUM_CODES].float()}), "uint8"),
+        (lambda e: e.update({mom.MOMENTUM_CODES: e[mom.MOMENTUM_CODES][:10]}), "momentum_codes has shape"),
+        (lambda e: e.update({mom.STEP: -1}), "step"),
         (lambda e: e.update({"exp_avg_sq": torch.zeros(1)}), "unknown state keys"),
     ],
     ids=["short-absmax", "fp16-absmax", "float-codes", "truncated-codes", "negative-step", "extra-key"],

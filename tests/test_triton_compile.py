@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lion8bit import quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 from lion8bit.reference import lion_scalars
 
 triton = pytest.importorskip("triton")
@@ -186,7 +186,7 @@ def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
 
     def launch(param_dtype, lr, seed, step):
         param = torch.zeros(8192, dtype=param_dtype)
-        entry = {st.STEP: step, st.SR_SEED: seed, **st.new_momentum(param, "8bit", 256)}
+        entry = {mom.STEP: step, mom.SR_SEED: seed, **mom.new_momentum(param, "8bit", 256)}
         group = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.1, cautious_factor=0.5)
         module.triton_lion_step(
             [param], [torch.zeros_like(param)], [entry], ["8bit"], scalars=lion_scalars(group),
@@ -207,7 +207,7 @@ def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
 
 def test_cpu_tensors_raise_without_the_interpreter(module):
     param = torch.zeros(10)
-    entry = {st.STEP: 1, **st.new_momentum(param, "fp32", 256)}
+    entry = {mom.STEP: 1, **mom.new_momentum(param, "fp32", 256)}
     scalars = lion_scalars(dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0))
     with pytest.raises(RuntimeError, match='backend="triton" runs on CUDA tensors'):
         module.triton_lion_step(

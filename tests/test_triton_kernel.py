@@ -24,7 +24,7 @@ import torch
 
 import lion8bit.kernels as kernels
 from lion8bit import Lion, quant
-from lion8bit import state as st
+from lion8bit import momentum as mom
 from lion8bit.optimizer import _resolve_backend, torch_aligned_counts, torch_lion_step
 from lion8bit.reference import cautious_step_sizes, lion_scalars
 
@@ -196,9 +196,9 @@ def _problem(numel, param_dtype, grad_dtype, fmt, block_size=256, seed=0):
         grad[zero_block] = 0
         grad[::7] = 0
     param[::5] = 0
-    entry = {st.STEP: 0, st.SR_SEED: 0xDEADBEEF}  # a seed >= 2**31: keys of both signs
-    entry.update(st.new_momentum(param, fmt, block_size))
-    st.encode_momentum(entry, momentum, fmt, block_size)
+    entry = {mom.STEP: 0, mom.SR_SEED: 0xDEADBEEF}  # a seed >= 2**31: keys of both signs
+    entry.update(mom.new_momentum(param, fmt, block_size))
+    mom.encode_momentum(entry, momentum, fmt, block_size)
     return param, grads, entry
 
 
@@ -215,7 +215,7 @@ def _run_both(module, param, grads, entry, fmt, scalars, *, block_size=256, stoc
     ties = 0
     for grad in grads:
         for name, (p, e) in sides.items():
-            e[st.STEP] += 1
+            e[mom.STEP] += 1
             cautious_steps = None
             if scalars.cautious:
                 count = counts[name]([p], [grad], [e], [fmt], scalars=scalars, block_size=block_size)
@@ -226,7 +226,7 @@ def _run_both(module, param, grads, entry, fmt, scalars, *, block_size=256, stoc
                     cautious_step_sizes(count[0], p.numel(), scalars.lr, scalars.cautious_factor, torch.float32)
                 ]
             if name == "torch":
-                m = st.decode_momentum(e, fmt, block_size)
+                m = mom.decode_momentum(e, fmt, block_size)
                 g = -grad.float() if scalars.maximize else grad.float()
                 ties += int((m * scalars.beta1 + g * scalars.one_minus_beta1 == 0).sum())
             steps[name](
@@ -240,7 +240,7 @@ def _run_both(module, param, grads, entry, fmt, scalars, *, block_size=256, stoc
 def _assert_sides_match(sides, fmt):
     (p_ref, e_ref), (p_out, e_out) = sides["torch"], sides["triton"]
     assert_same_bits(p_out, p_ref, "param")
-    keys = (st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX) if fmt == "8bit" else (st.MOMENTUM,)
+    keys = (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX) if fmt == "8bit" else (mom.MOMENTUM,)
     for key in keys:
         assert_same_bits(e_out[key], e_ref[key], key)
 
@@ -248,7 +248,7 @@ def _assert_sides_match(sides, fmt):
 CASES = [
     (fmt, dtypes, options, TAIL_SIZES[i % len(TAIL_SIZES)])
     for i, (fmt, dtypes, options) in enumerate(
-        (fmt, dtypes, options) for fmt in st.STATE_KINDS for dtypes in DTYPES for options in OPTIONS
+        (fmt, dtypes, options) for fmt in mom.STATE_KINDS for dtypes in DTYPES for options in OPTIONS
     )
 ]
 
@@ -282,17 +282,17 @@ def test_a_block_with_subnormal_absmax_is_the_reference(interpreted):
     module, _ = interpreted
     param, grads, entry = _problem(1024, torch.float32, torch.float32, "8bit")
     tiny = slice(512, 768)
-    entry[st.MOMENTUM_ABSMAX][2] = 1e-39
-    entry[st.MOMENTUM_CODES][tiny][::3] = quant.ZERO_CODE
+    entry[mom.MOMENTUM_ABSMAX][2] = 1e-39
+    entry[mom.MOMENTUM_CODES][tiny][::3] = quant.ZERO_CODE
     for grad in grads:
         grad[tiny] = 0
     scalars = lion_scalars(_group(OPTIONS["decay"]))
     sides, _ = _run_both(module, param, grads, entry, "8bit", scalars)
     _assert_sides_match(sides, "8bit")
     after = sides["triton"][1]
-    assert after[st.MOMENTUM_ABSMAX][2] < torch.finfo(torch.float32).tiny, "still subnormal"
-    assert torch.all(after[st.MOMENTUM_CODES][tiny][::3] == quant.ZERO_CODE), "zeros stay zero"
-    decoded = quant.dequantize_blockwise(after[st.MOMENTUM_CODES], after[st.MOMENTUM_ABSMAX])
+    assert after[mom.MOMENTUM_ABSMAX][2] < torch.finfo(torch.float32).tiny, "still subnormal"
+    assert torch.all(after[mom.MOMENTUM_CODES][tiny][::3] == quant.ZERO_CODE), "zeros stay zero"
+    decoded = quant.dequantize_blockwise(after[mom.MOMENTUM_CODES], after[mom.MOMENTUM_ABSMAX])
     assert torch.isfinite(decoded).all()
 
 
@@ -313,7 +313,7 @@ def test_stochastic_rounding_changes_the_result(interpreted):
     nearest, _ = _run_both(module, param, grads[:1], entry, "bf16", scalars)
     stochastic, _ = _run_both(module, param, grads[:1], entry, "bf16", scalars, stochastic=True)
     assert not torch.equal(nearest["triton"][0], stochastic["triton"][0])
-    assert not torch.equal(nearest["triton"][1][st.MOMENTUM], stochastic["triton"][1][st.MOMENTUM])
+    assert not torch.equal(nearest["triton"][1][mom.MOMENTUM], stochastic["triton"][1][mom.MOMENTUM])
 
 
 @pytest.mark.slow
@@ -443,7 +443,7 @@ def test_skip_flag_stores_nothing_and_a_clear_flag_is_the_reference(interpreted,
     param, grads, entry = _problem(4097, torch.bfloat16, torch.float32, fmt)
     scalars = lion_scalars(_group(OPTIONS["decay"]))
     common = dict(scalars=scalars, block_size=quant.BLOCK_SIZE, stochastic_rounding=True, cautious_steps=None)
-    entry[st.STEP] += 1
+    entry[mom.STEP] += 1
     skipped_param, skipped_entry = param.clone(), copy.deepcopy(entry)
     module.triton_lion_step([skipped_param], [grads[0]], [skipped_entry], [fmt], skip=torch.tensor(True), **common)
     assert_same_bits(skipped_param, param, "param")

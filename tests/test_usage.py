@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lion8bit import Lion
-from lion8bit import state as st
+from lion8bit import momentum as mom
 
 OPTIONS = dict(lr=1e-3, weight_decay=0.1, cautious_factor=0.5)
 
@@ -64,7 +64,7 @@ def test_grads_only_on_some_steps_and_zero_grad_modes():
         optimizer.step()
         twin_opt.step()
     assert_same(params, twins)
-    assert [optimizer.state[p][st.STEP] for p in params] == [2, 2, 3]
+    assert [optimizer.state[p][mom.STEP] for p in params] == [2, 2, 3]
 
     # set_to_none=False keeps zero grads, and a zero grad is a step (the momentum still moves
     # the param); set_to_none=True leaves no grad, and the param is skipped.
@@ -145,9 +145,9 @@ def test_deepcopy_of_the_optimizer_is_independent():
     clone = copy.deepcopy(optimizer)
     (cloned_param,) = clone.param_groups[0]["params"]
     assert cloned_param is not params[0]
-    assert torch.equal(clone.state[cloned_param][st.MOMENTUM_CODES], optimizer.state[params[0]][st.MOMENTUM_CODES])
+    assert torch.equal(clone.state[cloned_param][mom.MOMENTUM_CODES], optimizer.state[params[0]][mom.MOMENTUM_CODES])
     set_grads([cloned_param], torch.Generator().manual_seed(1))
-    before = optimizer.state[params[0]][st.MOMENTUM_CODES].clone()
+    before = optimizer.state[params[0]][mom.MOMENTUM_CODES].clone()
     clone.step()
-    assert torch.equal(optimizer.state[params[0]][st.MOMENTUM_CODES], before)
-    assert clone.state[cloned_param][st.STEP] == 2 and optimizer.state[params[0]][st.STEP] == 1
+    assert torch.equal(optimizer.state[params[0]][mom.MOMENTUM_CODES], before)
+    assert clone.state[cloned_param][mom.STEP] == 2 and optimizer.state[params[0]][mom.STEP] == 1

@@ -31,7 +31,7 @@ namespace {
 
 // Param, grad and dense momentum storage dtypes.
 enum DType : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
-// Momentum formats (lion8bit.state): "8bit", "bf16", "fp32".
+// Momentum formats (lion8bit.momentum): "8bit", "bf16", "fp32".
 enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2 };
 // Fields of one tensor's descriptor row (int64), written by cpu_lion.py.
 enum Field : int64_t {

@@ -20,7 +20,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from .. import quant
-from .. import state as st
+from .. import momentum as mom
 from ..optimizer import torch_aligned_counts, torch_lion_step
 from ..reference import LionScalars
 from . import cpu_build
@@ -107,13 +107,13 @@ class _Batch:
             if param.numel() == 0:
                 continue
             if fmt == "8bit":
-                momentum = self._dense(entry[st.MOMENTUM_CODES], write)
-                absmax = self._dense(entry[st.MOMENTUM_ABSMAX], write).data_ptr()
+                momentum = self._dense(entry[mom.MOMENTUM_CODES], write)
+                absmax = self._dense(entry[mom.MOMENTUM_ABSMAX], write).data_ptr()
             else:
-                momentum, absmax = self._dense(entry[st.MOMENTUM], write), 0
+                momentum, absmax = self._dense(entry[mom.MOMENTUM], write), 0
             param_key = momentum_key = _NO_KEY
             if stochastic_rounding:
-                seed, step = entry[st.SR_SEED], entry[st.STEP]
+                seed, step = entry[mom.SR_SEED], entry[mom.STEP]
                 param_key = quant.rounding_key(seed, step, quant.STREAM_PARAM)
                 momentum_key = quant.rounding_key(seed, step, quant.STREAM_MOMENTUM)
             rows.append([

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import kernels, quant
-from .. import state as st
+from .. import momentum as mom
 
 # The kernels were decorated for the interpreter iff the variable was set at import (triton reads
 # TRITON_INTERPRET in @triton.jit), so this, not the variable now, says what they can run on.
@@ -349,8 +349,8 @@ def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 def _momentum_buffers(entry: dict, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if fmt == "8bit":
-        return _contiguous(entry[st.MOMENTUM_CODES]), _contiguous(entry[st.MOMENTUM_ABSMAX])
-    return _contiguous(entry[st.MOMENTUM]), None
+        return _contiguous(entry[mom.MOMENTUM_CODES]), _contiguous(entry[mom.MOMENTUM_ABSMAX])
+    return _contiguous(entry[mom.MOMENTUM]), None
 
 
 def triton_aligned_counts(params, grads, entries, formats, *, scalars, block_size):
@@ -399,7 +399,7 @@ def triton_lion_step(
         stochastic_momentum = stochastic_rounding and fmt == "bf16"
         param_key = momentum_key = 0
         if stochastic_rounding:
-            seed, step = entry[st.SR_SEED], entry[st.STEP]
+            seed, step = entry[mom.SR_SEED], entry[mom.STEP]
             param_key = _int32_bits(quant.rounding_key(seed, step, quant.STREAM_PARAM))
             momentum_key = _int32_bits(quant.rounding_key(seed, step, quant.STREAM_MOMENTUM))
         quant_block, rows = _layout(fmt, block_size)
@@ -436,7 +436,7 @@ def triton_lion_step(
 
 
 def _copy_back(entry: dict, fmt: str, momentum: torch.Tensor, absmax: torch.Tensor | None) -> None:
-    keys = (st.MOMENTUM_CODES, st.MOMENTUM_ABSMAX) if fmt == "8bit" else (st.MOMENTUM,)
+    keys = (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX) if fmt == "8bit" else (mom.MOMENTUM,)
     for key, work in zip(keys, (momentum, absmax)):
         if work is not entry[key]:
             entry[key].copy_(work)

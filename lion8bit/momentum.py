@@ -26,6 +26,12 @@ NONFINITE_SKIPS = "nonfinite_skips"  # int64 0-dim tensor: steps skipped for non
 
 _DENSE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# With paged=True, the momentum of a (local) tensor of at least this many elements lives in CUDA
+# managed memory (lion8bit/paged.py); smaller ones keep ordinary device memory, as managed
+# allocations are page-granular. bitsandbytes 0.50.2 draws the same line
+# (Optimizer8bit.get_state_buffer: p.numel() < 1e5 is not paged). The budget tool counts with it.
+PAGED_MIN_NUMEL = 100_000
+
 
 def momentum_format(numel: int, state: str, min_8bit_size: int) -> str:
     """The format one tensor's momentum really uses: "8bit" falls back to "fp32" when small."""
