@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import importlib.util
-import os
 import platform
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,29 +44,19 @@ _MOMENTUM_TYPE = {"8bit": "u8", "bf16": "bf16", "fp32": "fp32"}
 ELEMENT_ARGS = ("param_ptr", "grad_ptr", "momentum_ptr")
 
 
-def load_gpu_module(name: str = "lion8bit.kernels._triton_lion_for_gpu"):
-    """A private copy of lion8bit/kernels/triton_lion.py decorated for the GPU compiler.
+def load_gpu_module():
+    """lion8bit/kernels/triton_lion.py, decorated for the GPU compiler.
 
-    triton reads TRITON_INTERPRET when @triton.jit runs, so a process whose canonical module was
-    imported for the interpreter still gets compilable kernels here.
+    triton reads TRITON_INTERPRET when @triton.jit runs (its own tl.max / tl.sum when
+    triton.language is imported), so kernels decorated for the interpreter cannot be compiled:
+    this needs a process started without it.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    import lion8bit.kernels
+    from lion8bit import kernels
 
-    path = Path(lion8bit.kernels.__file__).with_name("triton_lion.py")
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    if kernels.interpreting():
+        raise RuntimeError("compiling the kernels needs a process without TRITON_INTERPRET=1")
+    import lion8bit.kernels.triton_lion as module
+
     return module
 
 

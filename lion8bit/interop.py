@@ -15,8 +15,8 @@ from itertools import chain
 
 import torch
 
-from . import quant
 from . import momentum as mom
+from . import quant
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 BNB_BLOCK_SIZE = 256

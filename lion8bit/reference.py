@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant
-from . import momentum as mom
+from .momentum import decode_momentum, encode_momentum
 
 # Lower bound of the cautious mask's mean (lion-pytorch cautious_lion: clamp(min=1e-5)).
 CAUTIOUS_MEAN_FLOOR = 1e-5
@@ -138,9 +138,23 @@ def lion_update(
     return p, new_momentum
 
 
+def rounding_keys(seed: int, step: int) -> tuple[int, int]:
+    """(param_key, momentum_key): the uint32 stochastic-rounding keys of one tensor's step.
+
+    ``seed`` is the tensor's ``sr_seed``; ``step`` its ``step`` count INCLUDING this step (the
+    first step uses 1), so no two steps of a tensor draw the same bits. The param stream rounds
+    bf16 / fp16 params, the momentum stream bf16 momentum (:func:`lion8bit.quant.random_bits`
+    turns a key into per-element bits by flat element index).
+    """
+    return (
+        quant.rounding_key(seed, step, quant.STREAM_PARAM),
+        quant.rounding_key(seed, step, quant.STREAM_MOMENTUM),
+    )
+
+
 def reference_aligned_count(
     grad: torch.Tensor,
-    entry: dict,
+    momentum: dict,
     scalars: LionScalars,
     *,
     fmt: str,
@@ -149,42 +163,42 @@ def reference_aligned_count(
 ) -> torch.Tensor:
     """Elements of one tensor whose update agrees in sign with the gradient (int64, 0-dim).
 
-    The cautious mean's pre-pass: it reads only the old momentum and the gradient.
+    The cautious mean's pre-pass: it reads only the old momentum (``momentum``: the tensor's
+    momentum buffers, keys of :mod:`lion8bit.momentum`) and the gradient.
     """
-    momentum = mom.decode_momentum(entry, fmt, block_size, compute_dtype)
-    g, u = update_direction(grad.to(compute_dtype), momentum, scalars)
+    old = decode_momentum(momentum, fmt, block_size, compute_dtype)
+    g, u = update_direction(grad.to(compute_dtype), old, scalars)
     return (u * g > 0).sum()
 
 
 def reference_step(
     param: torch.Tensor,
     grad: torch.Tensor,
-    entry: dict,
+    momentum: dict,
     scalars: LionScalars,
     *,
     fmt: str,
     block_size: int,
-    stochastic_rounding: bool,
+    rounding_keys: tuple[int, int] | None = None,
     cautious_steps: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """One optimizer step for one tensor, in place on ``param`` and its state ``entry``.
+    """One optimizer step for one tensor, in place on ``param`` and its momentum buffers.
 
-    ``entry`` holds the momentum buffers in format ``fmt`` and ``STEP`` (already incremented for
-    this step, it keys the stochastic rounding together with ``SR_SEED``).
+    ``momentum`` holds the buffers in format ``fmt`` (keys of :mod:`lion8bit.momentum`).
+    ``rounding_keys`` (from :func:`rounding_keys`) makes the rounding of bf16 / fp16 params and
+    of bf16 momentum stochastic; None rounds to nearest even.
     """
-    momentum = mom.decode_momentum(entry, fmt, block_size, compute_dtype)
+    old = decode_momentum(momentum, fmt, block_size, compute_dtype)
     new_param, new_momentum = lion_update(
-        param.to(compute_dtype), grad.to(compute_dtype), momentum, scalars, cautious_steps
+        param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps
     )
     param_bits = momentum_bits = None
-    if stochastic_rounding:
-        seed, step = entry[mom.SR_SEED], entry[mom.STEP]
+    if rounding_keys is not None:
+        param_key, momentum_key = rounding_keys
         if param.dtype in (torch.bfloat16, torch.float16):
-            key = quant.rounding_key(seed, step, quant.STREAM_PARAM)
-            param_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
+            param_bits = quant.random_bits(param_key, param.numel(), param.device).view(param.shape)
         if fmt == "bf16":
-            key = quant.rounding_key(seed, step, quant.STREAM_MOMENTUM)
-            momentum_bits = quant.random_bits(key, param.numel(), param.device).view(param.shape)
-    mom.encode_momentum(entry, new_momentum.float(), fmt, block_size, momentum_bits)
+            momentum_bits = quant.random_bits(momentum_key, param.numel(), param.device).view(param.shape)
+    encode_momentum(momentum, new_momentum.float(), fmt, block_size, momentum_bits)
     param.copy_(quant.round_to_storage(new_param.float(), param.dtype, param_bits))

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from . import quant
 from . import momentum as mom
+from . import quant
 
 _DENSE_KEYS = (mom.MOMENTUM, mom.MOMENTUM_CODES)  # state tensors placed like the param
 

@@ -1,9 +1,22 @@
 import os
-import warnings
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter, in this process: triton reads
+# TRITON_INTERPRET when @triton.jit decorates a function (its own tl.max / tl.sum included, when
+# triton.language is imported), so it is set here, before any test module imports triton
+# (bitsandbytes does, at collection). An explicit TRITON_INTERPRET=0 is respected: that is how
+# tests/test_triton_compile.py runs, in a process of its own (tests/test_triton_process.py),
+# since kernels decorated for the interpreter cannot be compiled for a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from lion8bit.kernels import interpreting  # noqa: E402
 
 # Property tests run with a fixed budget so the suite's time stays predictable on 2 cores.
 settings.register_profile(
@@ -17,6 +30,9 @@ settings.load_profile("ci")
 
 # bitsandbytes prints and warns about optional GPU/kernels packages on a CPU-only machine.
 warnings.filterwarnings("ignore", module="bitsandbytes")
+
+# Compiling the kernels for sm_80 / sm_90 needs them decorated for the GPU compiler.
+collect_ignore = ["test_triton_compile.py"] if interpreting() else []
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,8 @@ import torch
 
 from lion8bit import Lion, kernels, quant
 from lion8bit import momentum as mom
-from lion8bit.optimizer import torch_lion_step
-from lion8bit.reference import lion_scalars
 
-from backends import CPU_BACKENDS
+from helpers import native_cpu_backends
 
 OPTIONS = dict(lr=1e-3, weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True)
 
@@ -88,7 +86,7 @@ def test_grad_scaler_skips_a_step_with_inf_grads_leaving_params_and_momentum_bit
 # -- skip_nonfinite ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", native_cpu_backends())
 @pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
 def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poison):
@@ -128,27 +126,7 @@ def test_skip_nonfinite_survives_a_checkpoint():
     assert all(e[mom.NONFINITE_SKIPS].dtype == torch.int64 for e in loaded.state.values())
 
 
-@pytest.mark.parametrize("fmt", ["8bit", "bf16", "fp32"])
-def test_torch_backend_device_flag_puts_everything_back(fmt):
-    """The path a CUDA tensor on backend="torch" takes (the flag stays on the device)."""
-    param = torch.randn(5000).bfloat16()
-    entry = {mom.STEP: 1, mom.SR_SEED: 7, **mom.new_momentum(param, fmt, 256)}
-    mom.encode_momentum(entry, torch.randn(5000) * 0.01, fmt, 256)
-    grad = torch.randn(5000).bfloat16() * 0.01
-    scalars = lion_scalars({**OPTIONS, "betas": (0.9, 0.99), "decoupled_initial_lr": 1e-3})
-    common = dict(scalars=scalars, block_size=256, stochastic_rounding=True, cautious_steps=None)
-    skipped_param, skipped_entry = param.clone(), copy.deepcopy(entry)
-    torch_lion_step([skipped_param], [grad], [skipped_entry], [fmt], skip=torch.tensor(True), **common)
-    assert torch.equal(skipped_param, param)
-    for key, value in entry.items():
-        assert torch.equal(skipped_entry[key], value) if isinstance(value, torch.Tensor) else skipped_entry[key] == value
-    stepped_param, stepped_entry = param.clone(), copy.deepcopy(entry)
-    torch_lion_step([stepped_param], [grad], [stepped_entry], [fmt], skip=torch.tensor(False), **common)
-    torch_lion_step([param], [grad], [entry], [fmt], **common)
-    assert torch.equal(stepped_param, param)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", native_cpu_backends())
 def test_without_skip_a_nan_grad_freezes_its_momentum_block_as_documented(backend):
     """README "Guarantees": without skip_nonfinite or a GradScaler, a NaN grad element makes the
     momentum NaN (8-bit: its whole block of 256, through the NaN absmax); sign(NaN) = 0, so
@@ -171,7 +149,7 @@ def test_without_skip_a_nan_grad_freezes_its_momentum_block_as_documented(backen
     assert not torch.equal(p[:256], before[:256] * (1 - 1e-3 * 0.1)), "the other blocks move"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", native_cpu_backends())
 def test_without_skip_an_inf_grad_keeps_its_param_moving_one_way_as_documented(backend):
     p = torch.nn.Parameter(torch.randn(4096))
     optimizer = Lion([p], lr=1e-3, state="fp32", backend=backend)
@@ -256,7 +234,7 @@ _RESUME = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", native_cpu_backends())
 def test_checkpoint_written_mid_training_resumes_bit_exactly_in_a_fresh_process(tmp_path, backend):
     script = tmp_path / "resume.py"
     script.write_text(_RESUME)

@@ -76,6 +76,22 @@ def test_bitsandbytes_8bit_codes_load_bit_for_bit(layout):
     assert torch.equal(optimizer.state[small][mom.MOMENTUM], their_small["state1"])
 
 
+def test_bitsandbytes_8bit_state_into_another_block_size_is_decoded_in_its_own_blocks():
+    """bitsandbytes' absmax belong to blocks of 256: loading into block_size=64 must decode with
+    256 (its blocks) and then quantize into blocks of 64 — decoding with the target's 64 would
+    scale three of every four runs of 64 codes by the wrong absmax."""
+    params, bnb_opt = trained_bitsandbytes()
+    ours = params_like(params)
+    optimizer = Lion(ours, lr=1.0, block_size=64)
+    optimizer.load_state_dict(bnb_opt.state_dict())
+    their = bnb_opt.state[params[0]]
+    values = quant.codebook()[their["state1"].long()].reshape(-1, 256) * their["absmax1"][:, None]
+    codes, absmax = quant.quantize_blockwise(values.reshape(params[0].shape), 64)
+    assert torch.equal(optimizer.state[ours[0]][mom.MOMENTUM_CODES], codes)
+    assert torch.equal(optimizer.state[ours[0]][mom.MOMENTUM_ABSMAX], absmax)
+    assert absmax.numel() == 4 * their["absmax1"].numel()
+
+
 @pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
 def test_bitsandbytes_state_continues_like_bitsandbytes(state):
     """After loading, one step of ours from bitsandbytes' state equals one step of bitsandbytes."""

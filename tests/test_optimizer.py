@@ -206,3 +206,23 @@ def test_setstate_fills_defaults_for_old_checkpoints():
     restored.__setstate__(state)
     assert restored.param_groups[0]["cautious_factor"] == 1.0
     assert restored.param_groups[0]["decoupled_initial_lr"] == restored.param_groups[0]["lr"]
+
+
+def test_the_signature_defaults_are_the_options_defaults():
+    """One source of options: what help(Lion) shows is lion8bit.options.DEFAULTS, which is also
+    what old checkpoints' groups are filled with and what a new group gets."""
+    import inspect
+
+    from lion8bit.options import DEFAULTS
+
+    signature = inspect.signature(Lion.__init__).parameters
+    assert {name: signature[name].default for name in DEFAULTS} == DEFAULTS
+    for alias in (Lion8bit, PagedLion8bit):
+        alias_signature = inspect.signature(alias.__init__).parameters
+        assert {name: alias_signature[name].default for name in ("lr", "betas", "weight_decay")} == {
+            name: DEFAULTS[name] for name in ("lr", "betas", "weight_decay")
+        }
+    group = Lion([param(3)]).param_groups[0]
+    assert {name: group[name] for name in DEFAULTS} == DEFAULTS
+    peers = [name for name, p in signature.items() if p.kind is p.KEYWORD_ONLY and name not in DEFAULTS]
+    assert peers == ["use_triton", "cautious_wd", "optim_bits", "is_paged", "args"]

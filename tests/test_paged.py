@@ -152,7 +152,7 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
     events = []
     monkeypatch.setattr(paged, "is_paged", lambda tensor: tensor.dtype == torch.uint8)
     monkeypatch.setattr(paged, "_prefetch_storage", lambda tensor: events.append(("prefetch", tensor.data_ptr())))
-    original = lion8bit.optimizer.lion
+    original = lion8bit.optimizer.lion  # the functional, as the optimizer calls it
 
     def recording_lion(params, grads, entries, *args, **kwargs):
         events.append(("update", [entry[mom.MOMENTUM_CODES].data_ptr() for entry in entries if mom.MOMENTUM_CODES in entry]))

@@ -7,9 +7,8 @@ from hypothesis import strategies as hs
 
 from lion8bit import Lion, quant
 from lion8bit import momentum as mom
-from lion8bit.reference import lion_scalars, reference_step
 
-from backends import CPU_BACKENDS
+from helpers import native_cpu_backends, reference_steps
 
 
 @hs.composite
@@ -36,7 +35,7 @@ def cases(draw):
     return shape, group, dtype, grad_fp32, scale, draw(hs.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", native_cpu_backends())
 @given(case=cases())
 def test_step_equals_reference(backend, case):
     shape, group, dtype, grad_fp32, scale, seed = case
@@ -53,15 +52,14 @@ def test_step_equals_reference(backend, case):
     entry = {mom.STEP: 0, **mom.new_momentum(expected, fmt, group["block_size"])}
     if group["stochastic_rounding"]:
         entry[mom.SR_SEED] = quant.mix32(0)
-    scalars = lion_scalars({**group, "decoupled_initial_lr": group["lr"]})
     for g in grads:
         g = g if grad_fp32 else g.to(dtype)
         param.grad = g.clone()
         optimizer.step()
         entry[mom.STEP] += 1
-        reference_step(
-            expected, g, entry, scalars, fmt=fmt, block_size=group["block_size"],
-            stochastic_rounding=group["stochastic_rounding"],
+        reference_steps(
+            [expected], [g], [entry], [fmt], {**group, "decoupled_initial_lr": group["lr"]},
+            block_size=group["block_size"],
         )
     assert torch.equal(param.detach(), expected)
     ours = optimizer.state[param]

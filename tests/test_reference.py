@@ -8,6 +8,8 @@ import torch
 
 from lion8bit import reference
 
+from helpers import written_rounding_key
+
 STEPS = 8
 OPTIONS = list(
     itertools.product(
@@ -84,3 +86,17 @@ def test_cautious_step_sizes_from_the_count():
     # All misaligned with factor 0: the mean is floored at 1e-5, never a division by zero.
     floored = reference.cautious_step_sizes(torch.tensor(0), numel, lr, 0.0, torch.float32)
     assert floored.tolist() == pytest.approx([lr / 1e-5, 0.0])
+
+
+@pytest.mark.parametrize("seed", [0, 7, 0xDEADBEEF, 2**32 - 1])
+@pytest.mark.parametrize("step", [1, 2, 1000, 2**32 + 5])
+def test_rounding_keys_are_the_written_formula_of_this_step(seed, step):
+    """The stochastic-rounding keys of a step with ``step`` counting it (the first step uses 1):
+    quant.rounding_key's formula, written out again in tests/helpers.py, on streams 0 (params)
+    and 1 (momentum). The conformance suite's oracle keys with the same formula, so a backend or
+    the functional using another step (e.g. step - 1) differs from it."""
+    assert reference.rounding_keys(seed, step) == (
+        written_rounding_key(seed, step, 0),
+        written_rounding_key(seed, step, 1),
+    )
+    assert reference.rounding_keys(seed, step) != reference.rounding_keys(seed, step - 1)

@@ -9,7 +9,7 @@ import torch
 from lion8bit import Lion
 from lion8bit import momentum as mom
 
-from backends import CPU_BACKENDS
+from helpers import native_cpu_backends
 
 STATE_KINDS = ["8bit", "bf16", "fp32"]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -62,7 +62,7 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("state", STATE_KINDS)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("stochastic_rounding", [False, True])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)  # "triton": tests/test_triton_kernel.py
+@pytest.mark.parametrize("backend", native_cpu_backends())  # "triton": tests/test_triton_kernel.py
 def test_resume_is_bit_exact(state, dtype, stochastic_rounding, backend):
     options = dict(
         lr=1e-3, weight_decay=0.1, state=state, stochastic_rounding=stochastic_rounding,
@@ -88,6 +88,47 @@ def test_resume_is_bit_exact(state, dtype, stochastic_rounding, backend):
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert_same_state(straight_opt, resumed_opt)
+
+
+def test_resume_with_decoupled_weight_decay_under_an_lr_schedule_is_bit_exact():
+    """decoupled_weight_decay divides by the lr at construction (decoupled_initial_lr); the
+    checkpoint is saved when the schedule has moved lr, so a load that took the saved lr as the
+    initial one would change the decay of every later step."""
+    options = dict(lr=2e-3, weight_decay=1e-3, decoupled_weight_decay=True)
+
+    def scheduled(model):
+        optimizer = Lion(model.parameters(), **options)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def run(model, optimizer, schedule, steps, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(16, 80, generator=generator)).square().mean().backward()
+            optimizer.step()
+            schedule.step()
+
+    straight = make_model()
+    straight_opt, straight_schedule = scheduled(straight)
+    run(straight, straight_opt, straight_schedule, 3, seed=1)
+    run(straight, straight_opt, straight_schedule, 3, seed=2)
+
+    first = make_model()
+    first_opt, first_schedule = scheduled(first)
+    run(first, first_opt, first_schedule, 3, seed=1)
+    assert first_opt.param_groups[0]["lr"] != first_opt.param_groups[0]["decoupled_initial_lr"]
+    checkpoint = save_and_load(
+        {"model": first.state_dict(), "optimizer": first_opt.state_dict(), "schedule": first_schedule.state_dict()}
+    )
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt, resumed_schedule = scheduled(resumed)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    resumed_schedule.load_state_dict(checkpoint["schedule"])
+    run(resumed, resumed_opt, resumed_schedule, 3, seed=2)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert resumed_opt.param_groups[0]["decoupled_initial_lr"] == 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -3,9 +3,9 @@
 triton compiles for a GPUTarget without a GPU; these tests read what it produced: the cubin's
 resource usage (cuobjdump), the PTX's global loads and stores attributed to the kernel argument
 their address comes from, and the TTIR's pointer arithmetic. The compile helpers are
-benchmarks/kernel_report.py's (the report prints the same facts), applied to a private copy of
-lion8bit/kernels/triton_lion.py decorated for the compiler (triton reads TRITON_INTERPRET in
-@triton.jit, and tests/test_triton_kernel.py imports the canonical module for the interpreter).
+benchmarks/kernel_report.py's (the report prints the same facts). Kernels decorated for Triton's
+interpreter cannot be compiled, so without a GPU (where tests/conftest.py turns the interpreter
+on) this file runs in a pytest process of its own, started by tests/test_triton_process.py.
 """
 
 import importlib.util
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from lion8bit import quant
 from lion8bit import momentum as mom
-from lion8bit.reference import lion_scalars
+from lion8bit import quant
+from lion8bit.reference import lion_scalars, rounding_keys
 
 triton = pytest.importorskip("triton")
 
@@ -40,8 +40,6 @@ every_target_and_combination = pytest.mark.parametrize(
 
 @pytest.fixture(scope="module")
 def module():
-    if not isinstance(triton.language.standard.max, triton.runtime.JITFunction):
-        pytest.skip("triton itself was imported under TRITON_INTERPRET=1; nothing compiles")
     return report.load_gpu_module()
 
 
@@ -186,11 +184,12 @@ def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
 
     def launch(param_dtype, lr, seed, step):
         param = torch.zeros(8192, dtype=param_dtype)
-        entry = {mom.STEP: step, mom.SR_SEED: seed, **mom.new_momentum(param, "8bit", 256)}
+        momentum = mom.new_momentum(param, "8bit", 256)
         group = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.1, cautious_factor=0.5)
-        module.triton_lion_step(
-            [param], [torch.zeros_like(param)], [entry], ["8bit"], scalars=lion_scalars(group),
-            block_size=256, stochastic_rounding=True, cautious_steps=[torch.ones(2)],
+        module.load().lion_step(
+            [param], [torch.zeros_like(param)], [momentum], ["8bit"], scalars=lion_scalars(group),
+            block_size=256, rounding_keys=[rounding_keys(seed, step)], cautious_steps=[torch.ones(2)],
+            skip=None,
         )
         grid, args, kwargs = recorder.launches[-1]
         return binder(*args, **kwargs)[1]  # the specialization
@@ -207,10 +206,10 @@ def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
 
 def test_cpu_tensors_raise_without_the_interpreter(module):
     param = torch.zeros(10)
-    entry = {mom.STEP: 1, **mom.new_momentum(param, "fp32", 256)}
+    momentum = mom.new_momentum(param, "fp32", 256)
     scalars = lion_scalars(dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0))
-    with pytest.raises(RuntimeError, match='backend="triton" runs on CUDA tensors'):
-        module.triton_lion_step(
-            [param], [param], [entry], ["fp32"], scalars=scalars, block_size=256,
-            stochastic_rounding=False, cautious_steps=None,
+    with pytest.raises(ValueError, match='backend="triton" runs on CUDA tensors'):
+        module.load().lion_step(
+            [param], [param], [momentum], ["fp32"], scalars=scalars, block_size=256,
+            rounding_keys=None, cautious_steps=None, skip=None,
         )

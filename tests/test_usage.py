@@ -118,23 +118,35 @@ def test_lr_scheduler_drives_lr_and_decoupled_decay(decoupled):
     assert_same(params, twins)
 
 
-def test_compiled_model_trains_like_the_eager_one():
+# Inductor may fuse and reorder the forward's fp32 arithmetic differently from eager (a few ulps
+# on outputs of magnitude ~0.1-1); one Lion step at lr 1e-3 moves the outputs by more than 1e-3.
+COMPILED_OUTPUT_ATOL = 1e-5
+STEP_MOVES_OUTPUTS_BY = 1e-3
+
+
+def test_a_compiled_model_sees_every_update_and_its_grads_step_as_the_reference():
+    """torch.compile(model) trained with Lion: each step updates the params the compiled graph
+    reads (its next output is the eager model's on the new params, not a stale one), and the
+    optimizer steps the compiled backward's own grads exactly as the reference would."""
     torch.manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.ReLU(), torch.nn.Linear(80, 64))
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin)
-    opt_eager, opt_compiled = Lion(eager.parameters(), **OPTIONS), Lion(twin.parameters(), **OPTIONS)
-    for step in range(3):
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
-        for model, optimizer in ((eager, opt_eager), (compiled, opt_compiled)):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-        # Inductor's backward may round differently from eager: give both the same grads.
-        for p, q in zip(eager.parameters(), twin.parameters()):
-            q.grad.copy_(p.grad)
-        opt_eager.step()
-        opt_compiled.step()
-    assert_same(list(eager.parameters()), list(twin.parameters()))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.ReLU(), torch.nn.Linear(80, 64))
+    compiled = torch.compile(model)
+    optimizer = Lion(model.parameters(), **OPTIONS)
+    twins, twin_optimizer = contiguous_twin(list(model.parameters()))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        before = compiled(x)
+        before.square().mean().backward()
+        for p, q in zip(model.parameters(), twins):
+            q.grad = p.grad.clone()
+        optimizer.step()
+        twin_optimizer.step()
+        assert_same(list(model.parameters()), twins)
+        with torch.no_grad():
+            after, eager = compiled(x), model(x)
+        torch.testing.assert_close(after, eager, rtol=0, atol=COMPILED_OUTPUT_ATOL)
+        assert (after - before.detach()).abs().max() > STEP_MOVES_OUTPUTS_BY
 
 
 def test_deepcopy_of_the_optimizer_is_independent():

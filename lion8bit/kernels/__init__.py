@@ -1,25 +1,19 @@
-"""Fused implementations of the reference step, one module per device family.
+"""The backends: one implementation of the reference step per device family, and the registry.
 
-A backend is a pair of functions with the signatures of the reference backend in
-:mod:`lion8bit.optimizer` (:func:`~lion8bit.optimizer.torch_aligned_counts`,
-:func:`~lion8bit.optimizer.torch_lion_step`):
+Model: bitsandbytes' ``_ops.py`` + ``backends/*/ops.py`` — one contract (:class:`Backend`), one
+module per implementation, registered only where it can run:
 
-- ``aligned_counts(params, grads, entries, formats, *, scalars, block_size) -> list[Tensor]``:
-  per tensor, the int64 0-dim count of elements whose update sign agrees with the gradient (the
-  cautious pre-pass; reads the old momentum and the grad only). Called only with caution on.
-- ``lion_step(params, grads, entries, formats, *, scalars, block_size, stochastic_rounding,
-  cautious_steps, skip=None) -> None``: the whole update, in place on params and state entries; each
-  entry's ``step`` is already incremented; ``cautious_steps`` is a list of [2] fp32 tensors (the
-  step sizes where aligned / not) or None without caution; ``skip`` (optional, a bool 0-dim
-  tensor on the params' device, only ever given for non-CPU devices) leaves everything
-  unchanged when true, decided on the device (no host synchronisation).
+- ``"torch"`` (:mod:`.torch_lion`): the reference (``lion8bit/reference.py``) one tensor at a
+  time; any device.
+- ``"cpu"`` (:mod:`.cpu_lion`): the fused C++ step; registered only when its library builds (a
+  C++ compiler is needed, :mod:`.cpu_build`).
+- ``"triton"`` (:mod:`.triton_lion`): the fused Triton kernel; registered when ``triton`` is
+  installed; CUDA tensors, or CPU tensors when the kernels were decorated for Triton's
+  interpreter (``TRITON_INTERPRET=1`` before they were imported).
 
-Backends see plain tensors only: for a sharded (DTensor) param the optimizer passes the local
-shard, its local grad, and a per-step dict of the local state tensors (8-bit absmax trimmed to
-the shard's blocks). Write into those tensors; never put new tensors into an entry, or the
-update is lost for sharded params.
-
-Modules are imported lazily, so ``import lion8bit`` works without Triton installed.
+:func:`resolve` turns the ``backend`` option ("auto" or a name) into the backend for a device;
+the functional :func:`lion8bit.functional.lion` calls it. Modules load lazily, so
+``import lion8bit`` works without Triton and without a compiler.
 """
 
 from __future__ import annotations
@@ -28,63 +22,152 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Callable, NamedTuple
+from typing import Protocol
 
 import torch
 
-# backend -> (module in this package, prefix of its two functions)
-_MODULES = {"triton": ("triton_lion", "triton"), "cpu": ("cpu_lion", "cpu")}
+from .. import momentum as mom
+from .. import quant
+from ..reference import LionScalars
+
+BACKENDS = ("torch", "cpu", "triton")
 
 
-class Backend(NamedTuple):
-    aligned_counts: Callable
-    lion_step: Callable
+class Backend(Protocol):
+    """What every backend implements. Calls come from :func:`lion8bit.functional.lion` only.
+
+    Arguments, the same for both functions:
+
+    - ``params``, ``grads``: contiguous tensors on one device, updated in place (params); grads
+      of the param dtype or fp32; zero-size tensors included.
+    - ``momenta``: per tensor, a dict of its contiguous momentum buffers — ``momentum_codes``
+      (uint8) and ``momentum_absmax`` (fp32) for "8bit", ``momentum`` (bf16 or fp32) otherwise
+      (keys of :mod:`lion8bit.momentum`); updated in place. Write into them, never replace them:
+      they may be views of sharded or staged state.
+    - ``formats``: per tensor, "8bit" | "bf16" | "fp32".
+    - ``scalars``: the group's :class:`~lion8bit.reference.LionScalars`; ``block_size``: elements
+      per absmax block.
+    """
+
+    name: str
+
+    def device_error(self, device: torch.device, what: str) -> str | None:
+        """None if this backend can update tensors on ``device``, else why not (an error
+        message that names ``what``, e.g. the parameter)."""
+
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int):
+        """The cautious pre-pass: per tensor, an int64 0-dim tensor counting the elements whose
+        update sign agrees with the gradient (reads the old momentum and the grad only)."""
+
+    def lion_step(
+        self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int,
+        rounding_keys, cautious_steps, skip,
+    ) -> None:
+        """The whole update, in place.
+
+        - ``rounding_keys``: None, or per tensor ``(param_key, momentum_key)``: the uint32
+          stochastic-rounding keys of :func:`lion8bit.reference.rounding_keys`.
+        - ``cautious_steps``: None without caution, else per tensor an fp32 [2] tensor (step
+          where aligned, where not) on the params' device.
+        - ``skip``: None, or a bool 0-dim tensor on the params' (non-CPU) device: when true,
+          nothing may change. Decided on the device, never read on the host; never given for
+          CPU tensors (the functional decides those on the host).
+        """
+
+
+class UnavailableBackend(RuntimeError):
+    """A backend cannot be used in this process; the message says why and what to do."""
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton kernels are decorated for its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def load(backend: str) -> Backend:
-    """The functions of a fused backend; RuntimeError saying why if it cannot be used."""
-    module_name, prefix = _MODULES[backend]
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        raise RuntimeError(
+# name -> module in this package; each module defines BACKEND, an object that is a Backend.
+_MODULES = {"torch": "torch_lion", "cpu": "cpu_lion", "triton": "triton_lion"}
+
+
+@functools.cache
+def get(name: str) -> Backend:
+    """The registered backend ``name``; :class:`UnavailableBackend` saying why if it is not."""
+    if name not in _MODULES:
+        raise ValueError(f"Invalid backend: {name!r} (expected one of {BACKENDS})")
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        raise UnavailableBackend(
             'backend="triton" needs the triton package (pip install triton); '
             'use backend="auto" or "torch" without it'
         )
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module.load()
+
+
+@functools.cache
+def available(name: str) -> bool:
+    """Whether backend ``name`` is registered in this process."""
     try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"{__name__}.{module_name}":
-            raise
-        raise RuntimeError(f"backend={backend!r} is not available in this build") from None
-    return Backend(getattr(module, f"{prefix}_aligned_counts"), getattr(module, f"{prefix}_lion_step"))
-
-
-def check_device(backend: str, device: torch.device, what: str, *, interpreted: bool | None = None) -> None:
-    """RuntimeError unless ``backend`` can update tensors on ``device`` (the optimizer checks
-    before a step changes anything; the launchers check again). For "triton", ``interpreted``
-    says whether its kernels were decorated for the interpreter (default: the loaded module's
-    ``INTERPRETED``; triton reads TRITON_INTERPRET in @triton.jit, not at launch)."""
-    if backend == "cpu" and device.type != "cpu":
-        raise RuntimeError(f'backend="cpu" runs on CPU tensors, got {what} on {device}')
-    if interpreted is None and backend == "triton" and device.type == "cpu":
-        interpreted = importlib.import_module(f"{__name__}.triton_lion").INTERPRETED
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreted):
-        raise RuntimeError(
-            f'backend="triton" runs on CUDA tensors, got {what} on {device}; use backend="auto" '
-            'or "torch", or set TRITON_INTERPRET=1 before lion8bit imports its Triton kernels to '
-            "run them in Triton's CPU interpreter (slow, for tests)"
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def available(backend: str) -> bool:
-    try:
-        load(backend)
-    except RuntimeError:
+        get(name)
+    except UnavailableBackend:
         return False
     return True
+
+
+def resolve(requested: str, device: torch.device, what: str = "tensors") -> Backend:
+    """The backend that runs ``requested`` ("auto" or a name) for tensors on ``device``.
+
+    "auto": "triton" on CUDA when registered, "cpu" on CPU when registered, else "torch".
+    A named backend that is not registered, or cannot run on ``device``, raises
+    :class:`UnavailableBackend` (a RuntimeError) saying why and naming ``what``.
+    """
+    if requested == "auto":
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+        if preferred is not None and available(preferred):
+            backend = get(preferred)
+            if backend.device_error(device, what) is None:
+                return backend
+        return get("torch")
+    backend = get(requested)
+    error = backend.device_error(device, what)
+    if error is not None:
+        raise UnavailableBackend(error)
+    return backend
+
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BUFFER_DTYPES = {
+    "8bit": {mom.MOMENTUM_CODES: torch.uint8, mom.MOMENTUM_ABSMAX: torch.float32},
+    "bf16": {mom.MOMENTUM: torch.bfloat16},
+    "fp32": {mom.MOMENTUM: torch.float32},
+}
+
+
+def check_tensors(backend: str, params, grads, momenta, formats, block_size: int) -> None:
+    """ValueError unless the tensors are what the contract promises: dtypes, sizes, one device,
+    contiguity. A fused kernel reads raw memory, so a wrong buffer (a bf16 absmax read as fp32)
+    would read out of bounds instead of failing."""
+    if not len(params) == len(grads) == len(momenta) == len(formats):
+        raise ValueError(f'Invalid call of backend="{backend}": lists of different lengths')
+    for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+        where = f'backend="{backend}", tensor {index}'
+        if param.dtype not in _PARAM_DTYPES or grad.dtype not in (param.dtype, torch.float32):
+            raise ValueError(f"Invalid dtypes for {where}: param {param.dtype}, grad {grad.dtype}")
+        if fmt not in _BUFFER_DTYPES:
+            raise ValueError(f"Invalid momentum format for {where}: {fmt!r}")
+        expected = _BUFFER_DTYPES[fmt]
+        if set(momentum) != set(expected):
+            raise ValueError(f"Invalid momentum buffers for {where}: {sorted(momentum)}, expected {sorted(expected)}")
+        sizes = {key: param.numel() for key in expected}
+        if fmt == "8bit":
+            sizes[mom.MOMENTUM_ABSMAX] = quant.num_blocks(param.numel(), block_size)
+        for tensor, what, dtype, numel in [
+            (grad, "grad", grad.dtype, param.numel()),
+            *((momentum[key], key, expected[key], sizes[key]) for key in expected),
+        ]:
+            if tensor.dtype != dtype:
+                raise ValueError(f"Invalid {what} for {where}: dtype {tensor.dtype}, expected {dtype}")
+            if tensor.numel() != numel:
+                raise ValueError(f"Invalid {what} for {where}: {tensor.numel()} elements, expected {numel}")
+            if tensor.device != param.device or not tensor.is_contiguous():
+                raise ValueError(f"Invalid {what} for {where}: must be contiguous, on the param's {param.device}")
+        if not param.is_contiguous():
+            raise ValueError(f"Invalid param for {where}: must be contiguous")

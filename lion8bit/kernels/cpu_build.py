@@ -9,8 +9,8 @@ where the floor is ~10 ms, DESIGN.md §4).
 
 The library is cached under ``$LION8BIT_CACHE_DIR`` (default ``~/.cache/lion8bit``), keyed by
 the source, the compiler and its version, the flags and the CPU, so later processes only load
-it. Without a working compiler (``$CXX``, else ``c++``) :func:`library` warns once and returns
-None, and the caller falls back to the reference path.
+it. Without a working compiler (``$CXX``, else ``c++``) :func:`library` raises
+:class:`BuildError`, and the registry (:mod:`lion8bit.kernels`) does not register "cpu".
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_lion.cpp")
+# What SOURCE includes: the cache key covers every file of the kernel.
+HEADERS = tuple(sorted(SOURCE.parent.glob("cpu_lion_*.h")))
 
 # -ffp-contract=off: the spec rounds beta1*m and (1-beta1)*g separately before adding them
 # (reference.py); GCC contracts a*b + c*d into an FMA by default at -O2 and above, which changes
@@ -94,7 +95,7 @@ def build(cxx: str | None = None, directory: Path | None = None, extra_flags: tu
     for tuning in TUNING:
         flags = FLAGS + tuning + tuple(extra_flags)
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), executable, version, " ".join(flags), _cpu_identity()]).encode()
+            "\0".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), executable, version, " ".join(flags), _cpu_identity()]).encode()
         ).hexdigest()[:16]
         target = directory / f"cpu_lion-{key}.so"
         if target.exists():
@@ -126,17 +127,20 @@ def load(path: Path) -> ctypes.CDLL:
     return library
 
 
-@functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None (and one warning) if it cannot be built."""
+@functools.cache
+def _outcome() -> ctypes.CDLL | BuildError:
     try:
         return load(build())
-    except (BuildError, OSError) as error:
-        reason = " ".join(str(error).split())  # one line
-        warnings.warn(
-            f"lion8bit: the fused CPU kernel is unavailable ({reason}); "
-            'backend="cpu" runs the reference path instead (correct, slower)',
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    except OSError as error:  # a library that builds but does not load
+        return BuildError(" ".join(str(error).split()))
+    except BuildError as error:
+        return error
+
+
+def library() -> ctypes.CDLL:
+    """The kernel library, built on first use (cached per process and per machine);
+    :class:`BuildError` saying why if it cannot be built or loaded."""
+    outcome = _outcome()
+    if isinstance(outcome, BuildError):
+        raise outcome
+    return outcome

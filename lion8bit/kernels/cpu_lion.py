@@ -1,14 +1,13 @@
-"""The fused CPU Lion step: ``cpu_lion.cpp`` (the kernels) and its launcher.
+"""backend="cpu": the fused CPU Lion step, ``cpu_lion.cpp`` (the kernels), and its launcher.
 
 One call per step handles every tensor of a group: each element's param, grad and momentum are
 read once and written once, in fp32 and in the reference's exact operation order
 (``lion8bit/reference.py``), so params, codes, absmax and bf16 momentum are bit-identical to it,
 stochastic rounding included. Work is split across ``torch.get_num_threads()`` threads in chunks
-of whole absmax blocks; nothing but non-contiguous tensors is copied, so a step needs no memory
-beyond the params, grads and state.
+of whole absmax blocks, so a step needs no memory beyond the params, grads and state.
 
 The library is built once per machine (:mod:`lion8bit.kernels.cpu_build`); without a compiler
-both functions warn once and run the reference (``backend="torch"``) instead.
+the backend is not registered (:func:`load` raises :class:`~lion8bit.kernels.UnavailableBackend`).
 """
 
 from __future__ import annotations
@@ -17,13 +16,10 @@ import ctypes
 import functools
 
 import torch
-from torch.autograd.graph import increment_version
 
-from .. import quant
 from .. import momentum as mom
-from ..optimizer import torch_aligned_counts, torch_lion_step
-from ..reference import LionScalars
-from . import cpu_build
+from .. import quant
+from . import UnavailableBackend, check_tensors, cpu_build
 
 # Descriptor row of one tensor, and the codes of cpu_lion.cpp's enums (same order).
 _FIELDS = 10
@@ -69,7 +65,7 @@ def _pointer(tensor: torch.Tensor, kind):
     return ctypes.cast(tensor.data_ptr(), kind)
 
 
-def _scalars(scalars: LionScalars) -> torch.Tensor:
+def _scalars(scalars) -> torch.Tensor:
     # Rounded to fp32 once, as torch rounds a Python float operand of an fp32 tensor op.
     values = [
         scalars.beta1, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
@@ -78,7 +74,7 @@ def _scalars(scalars: LionScalars) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _flags(scalars: LionScalars, stochastic_rounding: bool) -> int:
+def _flags(scalars, stochastic_rounding: bool) -> int:
     flags = _MAXIMIZE if scalars.maximize else 0
     if scalars.cautious and scalars.cautious_factor == 0.0:
         flags |= _MASKED_DONT_MOVE
@@ -89,122 +85,86 @@ def _flags(scalars: LionScalars, stochastic_rounding: bool) -> int:
     return flags
 
 
-class _Batch:
-    """Descriptor rows of the non-empty tensors; holds every tensor the kernel touches alive.
-
-    Non-contiguous tensors are handled through contiguous copies (written ones are copied back
-    by :meth:`finish`): the kernel indexes the flattened tensor, as the reference does.
-    """
-
-    def __init__(self, params, grads, entries, formats, stochastic_rounding: bool, write: bool):
-        self.indices, self.alive, self.write_back = [], [], []
-        rows = []
-        for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
-            if param.device.type != "cpu" or grad.device.type != "cpu":
-                raise ValueError(f'Invalid device for backend="cpu": {param.device}')
-            if param.dtype not in _DTYPES or grad.dtype not in _DTYPES:
-                raise ValueError(f'Invalid dtype for backend="cpu": param {param.dtype}, grad {grad.dtype}')
-            if param.numel() == 0:
-                continue
-            if fmt == "8bit":
-                momentum = self._dense(entry[mom.MOMENTUM_CODES], write)
-                absmax = self._dense(entry[mom.MOMENTUM_ABSMAX], write).data_ptr()
-            else:
-                momentum, absmax = self._dense(entry[mom.MOMENTUM], write), 0
-            param_key = momentum_key = _NO_KEY
-            if stochastic_rounding:
-                seed, step = entry[mom.SR_SEED], entry[mom.STEP]
-                param_key = quant.rounding_key(seed, step, quant.STREAM_PARAM)
-                momentum_key = quant.rounding_key(seed, step, quant.STREAM_MOMENTUM)
-            rows.append([
-                self._dense(param, write).data_ptr(), self._dense(grad, False).data_ptr(),
-                momentum.data_ptr(), absmax, param.numel(), _DTYPES[param.dtype],
-                _DTYPES[grad.dtype], _FORMATS[fmt], param_key, momentum_key,
-            ])
-            self.indices.append(index)
-        self.descriptors = torch.tensor(rows, dtype=torch.int64).reshape(-1, _FIELDS)
-
-    def _dense(self, tensor: torch.Tensor, write: bool) -> torch.Tensor:
-        if tensor.is_contiguous():
-            return tensor
-        dense = tensor.contiguous()
-        self.alive.append(dense)
-        if write:
-            self.write_back.append((tensor, dense))
-        return dense
-
-    def finish(self) -> None:
-        for tensor, dense in self.write_back:
-            tensor.copy_(dense)
+def _descriptors(params, grads, momenta, formats, rounding_keys) -> tuple[torch.Tensor, list[int]]:
+    """(int64 descriptor rows of the non-empty tensors, their positions in the lists)."""
+    rows, positions = [], []
+    for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+        if param.numel() == 0:
+            continue
+        if fmt == "8bit":
+            state, absmax = momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX].data_ptr()
+        else:
+            state, absmax = momentum[mom.MOMENTUM], 0
+        param_key, momentum_key = (_NO_KEY, _NO_KEY) if rounding_keys is None else rounding_keys[index]
+        rows.append([
+            param.data_ptr(), grad.data_ptr(), state.data_ptr(), absmax, param.numel(),
+            _DTYPES[param.dtype], _DTYPES[grad.dtype], _FORMATS[fmt], param_key, momentum_key,
+        ])
+        positions.append(index)
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _FIELDS), positions
 
 
-def cpu_aligned_counts(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    entries: list[dict],
-    formats: list[str],
-    *,
-    scalars: LionScalars,
-    block_size: int,
-) -> list[torch.Tensor]:
-    """Per tensor, the int64 0-dim count of elements whose update agrees with the gradient."""
-    library = cpu_build.library()
-    if library is None:
-        return torch_aligned_counts(
-            params, grads, entries, formats, scalars=scalars, block_size=block_size
-        )
-    batch = _Batch(params, grads, entries, formats, stochastic_rounding=False, write=False)
-    counts = torch.zeros(len(params), dtype=torch.int64)
-    found = torch.zeros(len(batch.indices), dtype=torch.int64)
-    if batch.indices:
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library
+
+    def device_error(self, device: torch.device, what: str) -> str | None:
+        if device.type != "cpu":
+            return f'backend="cpu" runs on CPU tensors, got {what} on {device}'
+        return None
+
+    def _check(self, params, grads, momenta, formats, block_size) -> None:
+        check_tensors(self.name, params, grads, momenta, formats, block_size)
+        for param in params:
+            error = self.device_error(param.device, "a parameter")
+            if error:
+                raise ValueError(error)
+
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
+        self._check(params, grads, momenta, formats, block_size)
+        descriptors, positions = _descriptors(params, grads, momenta, formats, None)
+        counts = torch.zeros(len(params), dtype=torch.int64)
+        if positions:
+            found = torch.zeros(len(positions), dtype=torch.int64)
+            step_scalars = _scalars(scalars)  # referenced until the call returns
+            self._library.lion8bit_cpu_aligned_counts(
+                _pointer(descriptors, cpu_build.INT64_P), len(positions),
+                _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, False), block_size,
+                _pointer(quant.codebook(), cpu_build.FLOAT_P), _pointer(found, cpu_build.INT64_P),
+                torch.get_num_threads(),
+            )
+            counts[positions] = found
+        return list(counts.unbind())
+
+    def lion_step(
+        self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+    ):
+        if skip is not None:
+            raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
+        self._check(params, grads, momenta, formats, block_size)
+        descriptors, positions = _descriptors(params, grads, momenta, formats, rounding_keys)
+        if not positions:
+            return
+        steps = None
+        if cautious_steps is not None:
+            steps = torch.stack([cautious_steps[i] for i in positions]).float().contiguous()
         step_scalars = _scalars(scalars)  # referenced until the call returns
-        library.lion8bit_cpu_aligned_counts(
-            _pointer(batch.descriptors, cpu_build.INT64_P), len(batch.indices),
-            _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, False), block_size,
-            _pointer(quant.codebook(), cpu_build.FLOAT_P), _pointer(found, cpu_build.INT64_P),
-            torch.get_num_threads(),
+        self._library.lion8bit_cpu_step(
+            _pointer(descriptors, cpu_build.INT64_P), len(positions),
+            None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
+            _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, rounding_keys is not None),
+            block_size, _pointer(quant.codebook(), cpu_build.FLOAT_P),
+            _pointer(requantizer_levels(), cpu_build.FLOAT_P), torch.get_num_threads(),
         )
-        counts[batch.indices] = found
-    return list(counts.unbind())
 
 
-def cpu_lion_step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    entries: list[dict],
-    formats: list[str],
-    *,
-    scalars: LionScalars,
-    block_size: int,
-    stochastic_rounding: bool,
-    cautious_steps: list[torch.Tensor] | None,
-    skip: torch.Tensor | None = None,
-) -> None:
-    """The whole update, in place on params and state entries (one library call); nothing
-    changes when ``skip`` (a CPU flag, read on the host: no device to wait for) is true."""
-    if skip is not None and bool(skip):
-        return
-    library = cpu_build.library()
-    if library is None:
-        torch_lion_step(
-            params, grads, entries, formats, scalars=scalars, block_size=block_size,
-            stochastic_rounding=stochastic_rounding, cautious_steps=cautious_steps,
-        )
-        return
-    batch = _Batch(params, grads, entries, formats, stochastic_rounding, write=True)
-    if not batch.indices:
-        return
-    steps = None
-    if cautious_steps is not None:
-        steps = torch.stack([cautious_steps[i] for i in batch.indices]).float().contiguous()
-    step_scalars = _scalars(scalars)  # referenced until the call returns
-    library.lion8bit_cpu_step(
-        _pointer(batch.descriptors, cpu_build.INT64_P), len(batch.indices),
-        None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
-        _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, stochastic_rounding),
-        block_size, _pointer(quant.codebook(), cpu_build.FLOAT_P),
-        _pointer(requantizer_levels(), cpu_build.FLOAT_P), torch.get_num_threads(),
-    )
-    batch.finish()
-    for param in params:
-        increment_version(param)
+def load() -> CpuBackend:
+    try:
+        return CpuBackend(cpu_build.library())
+    except cpu_build.BuildError as error:
+        raise UnavailableBackend(
+            f'backend="cpu" needs its C++ library, which could not be built: {error}. '
+            'Install a C++ compiler (or set CXX), or use backend="auto" / "torch"'
+        ) from None

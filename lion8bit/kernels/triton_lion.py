@@ -5,7 +5,7 @@ load param, grad and momentum (8-bit code + block absmax, bf16 or fp32), dequant
 interpolate, sign, cautious step size, (cautious) weight decay, param update, momentum EMA, new
 block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``) or
 round to bf16, store param and momentum. Each input element is read once and each output element
-written once. With caution on, a count pre-pass (:func:`triton_aligned_counts`) reads only the
+written once. With caution on, a count pre-pass (``aligned_counts``) reads only the
 old momentum and the grad.
 
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` when this
@@ -22,12 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import kernels, quant
 from .. import momentum as mom
+from .. import quant
+from . import check_tensors, interpreting
 
 # The kernels were decorated for the interpreter iff the variable was set at import (triton reads
 # TRITON_INTERPRET in @triton.jit), so this, not the variable now, says what they can run on.
-INTERPRETED = kernels.interpreting()
+INTERPRETED = interpreting()
 
 # Requantization table (see _build_requant_table): the normalized magnitude's fp32 exponent and top
 # 6 mantissa bits pick a bucket; with 6 bits no bucket holds more than one decision threshold
@@ -75,15 +76,6 @@ def _build_requant_table() -> tuple[torch.Tensor, int]:
     return ((below << _COUNT_SHIFT.value) | low).to(torch.int32), first
 
 
-# Reductions are tl.reduce with triton's own combine functions rather than tl.max / tl.sum: those
-# two are @triton.jit functions decorated when triton.language is imported, so a process that
-# imported triton before setting TRITON_INTERPRET (pytest, when bitsandbytes imports triton at
-# collection) cannot call them from an interpreted kernel. The interpreter recognises these
-# combine functions and reduces with numpy (triton 3.9, interpreter.ReduceOps); the GPU code
-# is the same as tl.max / tl.sum.
-_max_combine = tl.standard._elementwise_max
-_sum_combine = tl.standard._sum_combine
-
 _REQUANT_TABLE, _FIRST = _build_requant_table()
 _SUBNORMAL_ABSMAX = tl.constexpr(quant.SUBNORMAL_ABSMAX)
 _SUBNORMAL_SCALE = tl.constexpr(quant.SUBNORMAL_SCALE)
@@ -93,6 +85,13 @@ _NUM_BUCKETS = tl.constexpr(len(_REQUANT_TABLE))
 
 # ---------------------------------------------------------------------------------------------
 # kernels
+
+
+@triton.jit
+def _max_propagating_nan(a, b):
+    # torch.amax (quant.blockwise_absmax) returns NaN for a block holding a NaN; tl.max's
+    # maximum does not promise either way (PropagateNan.NONE; max.f32 on NVIDIA drops a NaN).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -111,6 +110,15 @@ def _random_bits(key, offsets, tile_start):
     # size, so it never straddles a multiple of 2**32: one element key per tile.
     element_key = _mix32(key.to(tl.uint32, bitcast=True) ^ (tile_start >> 32).to(tl.uint32))
     return _mix32(offsets.to(tl.uint32) ^ element_key)
+
+
+@triton.jit
+def _to_fp32(x):
+    # bf16 -> fp32 by its bits (exact, as on the GPU): the interpreter's cast (triton 3.9) turns
+    # bf16 subnormals into wrong values (-1.8367e-40 into -0.0, 1.0102e-39 into 4.4081e-39).
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -189,8 +197,8 @@ def _direction(
         absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
         m = tl.load(code_values_ptr + codes.to(tl.int32)) * absmax[:, None]
     else:
-        m = tl.load(momentum_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m = _to_fp32(tl.load(momentum_ptr + offsets, mask=mask, other=0.0))
+    g = _to_fp32(tl.load(grad_ptr + offsets, mask=mask, other=0.0))
     if MAXIMIZE:
         g = -g
     c = m * beta1 + g * one_minus_beta1
@@ -215,7 +223,7 @@ def _aligned_count_kernel(
         beta1, one_minus_beta1, FORMAT, MAXIMIZE,
     )
     aligned = (u * g > 0).to(tl.int32)
-    tl.store(partial_counts_ptr + tl.program_id(0), tl.reduce(aligned, None, _sum_combine))
+    tl.store(partial_counts_ptr + tl.program_id(0), tl.sum(aligned))
 
 
 @triton.jit(do_not_specialize=["param_key", "momentum_key"])
@@ -254,7 +262,7 @@ def _lion_step_kernel(
         grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
         beta1, one_minus_beta1, FORMAT, MAXIMIZE,
     )
-    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    p = _to_fp32(tl.load(param_ptr + offsets, mask=mask, other=0.0))
 
     # reference.lion_update, operation for operation.
     if CAUTIOUS:
@@ -286,7 +294,7 @@ def _lion_step_kernel(
     tl.store(param_ptr + offsets, p, mask=mask)
 
     if FORMAT == "8bit":
-        absmax = tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_combine)
+        absmax = tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_propagating_nan)
         # A correctly rounded reciprocal, as torch.reciprocal: on NVIDIA, "/" on fp32 lowers to
         # an approximate division (div.full.f32, 2 ulp); div_rn is div.rn.f32.
         # A subnormal absmax would overflow 1/absmax: scale as quant.quantize_blockwise does.
@@ -307,7 +315,7 @@ def _lion_step_kernel(
 # launcher
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Copied to a device once (the first step), like quant.codebook.
     return quant.codebook(device), _REQUANT_TABLE.to(device)
@@ -325,11 +333,6 @@ def _int32_bits(key: int) -> int:
     return key - ((key >> 31) << 32)
 
 
-def _check_devices(params: list[torch.Tensor]) -> None:
-    for param in params:
-        kernels.check_device("triton", param.device, "a parameter", interpreted=INTERPRETED)
-
-
 def _layout(fmt: str, block_size: int) -> tuple[int, int]:
     """(QUANT_BLOCK, ROWS) of a program's tile."""
     row = block_size if fmt == "8bit" else _DENSE_BLOCK
@@ -341,102 +344,99 @@ def _device_of(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    # Non-contiguous params, grads or state: the kernel works on a contiguous copy (the flat index
-    # is the row-major one, as in quant's blocks) that the launcher copies back.
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
-
-
-def _momentum_buffers(entry: dict, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _momentum_buffers(momentum: dict, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if fmt == "8bit":
-        return _contiguous(entry[mom.MOMENTUM_CODES]), _contiguous(entry[mom.MOMENTUM_ABSMAX])
-    return _contiguous(entry[mom.MOMENTUM]), None
+        return momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX]
+    return momentum[mom.MOMENTUM], None
 
 
-def triton_aligned_counts(params, grads, entries, formats, *, scalars, block_size):
-    """Per tensor, the int64 0-dim count of elements with u*g > 0 (the cautious pre-pass)."""
-    _check_devices(params)
-    counts = []
-    for param, grad, entry, fmt in zip(params, grads, entries, formats):
-        numel = param.numel()
-        quant_block, rows = _layout(fmt, block_size)
-        grid = (triton.cdiv(numel, quant_block * rows),)
-        partial_counts = torch.zeros(grid, dtype=torch.int32, device=param.device)
-        if numel:
-            momentum, absmax = _momentum_buffers(entry, fmt)
-            code_values = _tables_on(param.device)[0] if fmt == "8bit" else None
+class TritonBackend:
+    name = "triton"
+
+    def device_error(self, device: torch.device, what: str) -> str | None:
+        if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+            return None
+        return (
+            f'backend="triton" runs on CUDA tensors, got {what} on {device}; use backend="auto" '
+            'or "torch", or set TRITON_INTERPRET=1 before lion8bit imports its Triton kernels to '
+            "run them in Triton's CPU interpreter (slow, for tests)"
+        )
+
+    def _check(self, params, grads, momenta, formats, block_size) -> None:
+        check_tensors(self.name, params, grads, momenta, formats, block_size)
+        for param in params:
+            error = self.device_error(param.device, "a parameter")
+            if error:
+                raise ValueError(error)
+
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
+        self._check(params, grads, momenta, formats, block_size)
+        counts = []
+        for param, grad, momentum, fmt in zip(params, grads, momenta, formats):
+            numel = param.numel()
+            quant_block, rows = _layout(fmt, block_size)
+            grid = (triton.cdiv(numel, quant_block * rows),)
+            partial_counts = torch.zeros(grid, dtype=torch.int32, device=param.device)
+            if numel:
+                state, absmax = _momentum_buffers(momentum, fmt)
+                code_values = _tables_on(param.device)[0] if fmt == "8bit" else None
+                with _device_of(param):
+                    _aligned_count_kernel[grid](
+                        grad, state, absmax, code_values,
+                        partial_counts,
+                        numel,
+                        _fp32(scalars.beta1), _fp32(scalars.one_minus_beta1),
+                        FORMAT=fmt, MAXIMIZE=scalars.maximize,
+                        QUANT_BLOCK=quant_block, ROWS=rows,
+                        num_warps=_NUM_WARPS,
+                    )
+            counts.append(partial_counts.sum(dtype=torch.int64))
+        return counts
+
+    def lion_step(
+        self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+    ):
+        self._check(params, grads, momenta, formats, block_size)
+        s = scalars
+        skip_flag = None if skip is None else skip.to(torch.uint8)
+        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+            numel = param.numel()
+            if numel == 0:
+                continue
+            state, absmax = _momentum_buffers(momentum, fmt)
+            code_values, requant_table = _tables_on(param.device) if fmt == "8bit" else (None, None)
+            param_key = momentum_key = 0
+            if rounding_keys is not None:
+                param_key, momentum_key = (_int32_bits(key) for key in rounding_keys[index])
+            quant_block, rows = _layout(fmt, block_size)
+            grid = (triton.cdiv(numel, quant_block * rows),)
             with _device_of(param):
-                _aligned_count_kernel[grid](
-                    _contiguous(grad), momentum, absmax, code_values,
-                    partial_counts,
+                _lion_step_kernel[grid](
+                    param, state, absmax,
+                    grad, code_values, requant_table,
+                    None if cautious_steps is None else cautious_steps[index],
+                    skip_flag,
                     numel,
-                    _fp32(scalars.beta1), _fp32(scalars.one_minus_beta1),
-                    FORMAT=fmt, MAXIMIZE=scalars.maximize,
-                    QUANT_BLOCK=quant_block, ROWS=rows,
+                    _fp32(s.lr), _fp32(s.beta1), _fp32(s.one_minus_beta1),
+                    _fp32(s.beta2), _fp32(s.one_minus_beta2), _fp32(s.decay),
+                    param_key, momentum_key,
+                    FORMAT=fmt,
+                    MAXIMIZE=s.maximize,
+                    CAUTIOUS=s.cautious,
+                    CAUTIOUS_MASK=s.cautious_factor == 0.0,
+                    WEIGHT_DECAY=s.weight_decay,
+                    CAUTIOUS_WEIGHT_DECAY=s.cautious_weight_decay,
+                    STOCHASTIC_PARAM=rounding_keys is not None and param.dtype != torch.float32,
+                    STOCHASTIC_MOMENTUM=rounding_keys is not None and fmt == "bf16",
+                    SKIP=skip_flag is not None,
+                    QUANT_BLOCK=quant_block,
+                    ROWS=rows,
                     num_warps=_NUM_WARPS,
+                    # No FMA contraction: the reference rounds each product and sum (c, the EMA,
+                    # p*decay - u*step); a fused multiply-add rounds once and changes the bits.
+                    enable_fp_fusion=False,
                 )
-        counts.append(partial_counts.sum())
-    return counts
 
 
-def triton_lion_step(
-    params, grads, entries, formats, *, scalars, block_size, stochastic_rounding, cautious_steps,
-    skip=None,
-):
-    """The whole update of each tensor in one launch, in place on params and state entries;
-    nothing is stored where the device flag ``skip`` is true."""
-    _check_devices(params)
-    s = scalars
-    skip_flag = None if skip is None else skip.to(torch.uint8)
-    for index, (param, grad, entry, fmt) in enumerate(zip(params, grads, entries, formats)):
-        numel = param.numel()
-        if numel == 0:
-            continue
-        work = _contiguous(param)
-        momentum, absmax = _momentum_buffers(entry, fmt)
-        code_values, requant_table = _tables_on(param.device) if fmt == "8bit" else (None, None)
-        stochastic_param = stochastic_rounding and param.dtype in (torch.bfloat16, torch.float16)
-        stochastic_momentum = stochastic_rounding and fmt == "bf16"
-        param_key = momentum_key = 0
-        if stochastic_rounding:
-            seed, step = entry[mom.SR_SEED], entry[mom.STEP]
-            param_key = _int32_bits(quant.rounding_key(seed, step, quant.STREAM_PARAM))
-            momentum_key = _int32_bits(quant.rounding_key(seed, step, quant.STREAM_MOMENTUM))
-        quant_block, rows = _layout(fmt, block_size)
-        grid = (triton.cdiv(numel, quant_block * rows),)
-        with _device_of(param):
-            _lion_step_kernel[grid](
-                work, momentum, absmax,
-                _contiguous(grad), code_values, requant_table,
-                None if cautious_steps is None else cautious_steps[index],
-                skip_flag,
-                numel,
-                _fp32(s.lr), _fp32(s.beta1), _fp32(s.one_minus_beta1),
-                _fp32(s.beta2), _fp32(s.one_minus_beta2), _fp32(s.decay),
-                param_key, momentum_key,
-                FORMAT=fmt,
-                MAXIMIZE=s.maximize,
-                CAUTIOUS=s.cautious,
-                CAUTIOUS_MASK=s.cautious_factor == 0.0,
-                WEIGHT_DECAY=s.weight_decay,
-                CAUTIOUS_WEIGHT_DECAY=s.cautious_weight_decay,
-                STOCHASTIC_PARAM=stochastic_param,
-                STOCHASTIC_MOMENTUM=stochastic_momentum,
-                SKIP=skip_flag is not None,
-                QUANT_BLOCK=quant_block,
-                ROWS=rows,
-                num_warps=_NUM_WARPS,
-                # No FMA contraction: the reference rounds each product and sum (c, the EMA,
-                # p*decay - u*step); a fused multiply-add rounds once and changes the bits.
-                enable_fp_fusion=False,
-            )
-        if work is not param:
-            param.copy_(work)
-        _copy_back(entry, fmt, momentum, absmax)
-
-
-def _copy_back(entry: dict, fmt: str, momentum: torch.Tensor, absmax: torch.Tensor | None) -> None:
-    keys = (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX) if fmt == "8bit" else (mom.MOMENTUM,)
-    for key, work in zip(keys, (momentum, absmax)):
-        if work is not entry[key]:
-            entry[key].copy_(work)
+def load() -> TritonBackend:
+    return TritonBackend()

@@ -1,0 +1,120 @@
+"""The functional Lion step: what every backend shares, then one call into the backend.
+
+:class:`lion8bit.Lion` collects a group's params, grads and state and calls :func:`lion`; the
+backends (:mod:`lion8bit.kernels`) only compute. What is decided here, once for all of them:
+
+- which backend runs (:func:`lion8bit.kernels.resolve`);
+- the skip decision of ``skip_nonfinite``: on the host for CPU tensors (reading a CPU flag waits
+  for nothing), as a device flag the backend reads otherwise (no host synchronisation);
+- the stochastic-rounding keys (:func:`lion8bit.reference.rounding_keys`);
+- the cautious pre-pass and step sizes (:func:`lion8bit.reference.cautious_step_sizes`), with
+  counts summed over shards by ``reduce_counts``;
+- contiguous staging: the backends index flat, row-major tensors (as the spec's blocks do), so
+  non-contiguous params, grads or momentum go through contiguous copies, written back after;
+- the version-counter bump of every updated param, so autograd catches a graph that saved a
+  param before the step (``backward`` through it raises) whichever backend wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.graph import increment_version
+
+from . import kernels
+from . import momentum as mom
+from .reference import LionScalars, cautious_step_sizes, rounding_keys
+
+# The momentum buffers of each format, as backends receive them.
+BUFFER_KEYS = {
+    "8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
+    "bf16": (mom.MOMENTUM,),
+    "fp32": (mom.MOMENTUM,),
+}
+
+
+class _Staging:
+    """Contiguous stand-ins for non-contiguous tensors, and the copies back after the step."""
+
+    def __init__(self):
+        self._written = []
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+    def write(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_contiguous():
+            return tensor
+        dense = tensor.contiguous()
+        self._written.append((tensor, dense))
+        return dense
+
+    def finish(self) -> None:
+        for tensor, dense in self._written:
+            tensor.copy_(dense)
+
+
+def lion(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    entries: list[dict],
+    formats: list[str],
+    *,
+    scalars: LionScalars,
+    block_size: int,
+    stochastic_rounding: bool,
+    backend: str = "auto",
+    numels: list[int] | None = None,
+    reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    skip: torch.Tensor | None = None,
+) -> None:
+    """One Lion step for tensors on one device that share a group's options.
+
+    ``entries``: per tensor, its state entry (``step`` already counting this step, ``sr_seed``
+    with stochastic rounding, and the momentum buffers of its format). ``backend``: "auto" or a
+    name of :data:`lion8bit.kernels.BACKENDS`. With caution, ``reduce_counts`` (sharded params)
+    turns local aligned counts into whole-parameter counts, and ``numels`` gives the whole
+    parameters' sizes (default: the tensors' own). ``skip`` (a bool 0-dim tensor) leaves
+    everything unchanged when true.
+    """
+    if not params:
+        return
+    device = params[0].device
+    implementation = kernels.resolve(backend, device)
+    device_skip = None
+    if skip is not None:
+        if device.type == "cpu":
+            if bool(skip):  # a CPU tensor: nothing to wait for
+                return
+        else:
+            device_skip = skip.to(device, non_blocking=True)
+
+    staging = _Staging()
+    local_params = [staging.write(param) for param in params]
+    local_grads = [staging.read(grad) for grad in grads]
+    momenta = [
+        {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)
+    ]
+    common = dict(scalars=scalars, block_size=block_size)
+
+    cautious_steps = None
+    if scalars.cautious:
+        counts = implementation.aligned_counts(local_params, local_grads, momenta, formats, **common)
+        if reduce_counts is not None:
+            counts = reduce_counts(counts)
+        sizes = numels if numels is not None else [p.numel() for p in params]
+        cautious_steps = [
+            cautious_step_sizes(count, size, scalars.lr, scalars.cautious_factor, torch.float32)
+            for count, size in zip(counts, sizes)
+        ]
+    keys = None
+    if stochastic_rounding:
+        keys = [rounding_keys(entry[mom.SR_SEED], entry[mom.STEP]) for entry in entries]
+    implementation.lion_step(
+        local_params, local_grads, momenta, formats, **common,
+        rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip,
+    )
+    staging.finish()
+    for param in params:
+        increment_version(param)

@@ -1,0 +1,109 @@
+// The AVX-512 8-bit step of the fused CPU kernel (lion8bit/kernels/cpu_lion.cpp): 16 lanes at a
+// time in registers, for fp32 and bf16 params and grads.
+#pragma once
+
+#include "cpu_lion_stages.h"
+
+#if defined(__AVX512F__)
+namespace {
+
+// 16 fp32 values of an fp32 or bf16 tensor from element i.
+inline __m512 load16(const void* base, int64_t dtype, int64_t i) {
+  if (dtype == F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// mix32 on 16 lanes.
+inline __m512i mix32_16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Store 16 values to an fp32 or bf16 tensor at element i: bf16_nearest, or bf16_stochastic with
+// these random bits.
+inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochastic, __m512i random) {
+  if (dtype == F32) return _mm512_storeu_ps(static_cast<float*>(base) + i, x);
+  const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
+  __m512i half = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
+  half = _mm512_mask_mov_epi32(half, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  if (stochastic) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+    half = _mm512_mask_mov_epi32(half, finite, _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_srli_epi32(random, 16)), 16));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), _mm512_cvtepi32_epi16(half));
+}
+
+// The 8-bit step on whole blocks [start, end) of fp32 or bf16 params and grads, 16 lanes at a
+// time: update() then encode_8bit(), the same operations in the same order, without staging
+// every value in L1 between passes (39 vs 52 ms measured on 64M bf16 elements, 2 threads).
+// `buffer` holds one block of the new momentum until its absmax is known.
+void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int64_t start,
+                       int64_t end, bool cautious, float aligned_step, float misaligned_step,
+                       int64_t param_key, float* buffer) {
+  const Registers r(t);
+  void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
+  const void* grad = reinterpret_cast<const void*>(d[GRAD_PTR]);
+  uint8_t* codes = reinterpret_cast<uint8_t*>(d[MOMENTUM_PTR]);
+  float* absmax = reinterpret_cast<float*>(d[ABSMAX_PTR]);
+  const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE];
+  const bool stochastic = param_key >= 0 && param_dtype == BF16;
+  const __m512 beta1 = _mm512_set1_ps(o.beta1), one_minus_beta1 = _mm512_set1_ps(o.one_minus_beta1),
+               beta2 = _mm512_set1_ps(o.beta2), one_minus_beta2 = _mm512_set1_ps(o.one_minus_beta2),
+               decay = _mm512_set1_ps(o.decay), aligned = _mm512_set1_ps(aligned_step),
+               misaligned = _mm512_set1_ps(misaligned_step), zero = _mm512_setzero_ps();
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)),
+                unit = _mm512_set1_epi32(0x3F800000), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
+                lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = start; b < end; b += o.block_size) {
+    const __m512 scale = _mm512_set1_ps(absmax[b / o.block_size]);
+    // Blocks are aligned runs of a power-of-two size: none straddles a 2**32 boundary.
+    const __m512i element_key = _mm512_set1_epi32(static_cast<int32_t>(
+        mix32(static_cast<uint32_t>(param_key) ^ static_cast<uint32_t>(b >> 32))));
+    __m512i peak = _mm512_setzero_si512();
+    for (int64_t v = 0; v < o.block_size; v += 16) {
+      const int64_t i = b + v;
+      __m512 g = load16(grad, grad_dtype, i);
+      if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
+      __m512 m = _mm512_mul_ps(code_values(codes + i, r), scale);
+      __m512 p = load16(param, param_dtype, i);
+      __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
+      __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
+          _mm512_cmp_ps_mask(c, zero, _CMP_NEQ_OQ),
+          _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), sign_bit), unit)));
+      __m512 step = aligned, direction = u;
+      if (cautious) {
+        __mmask16 agree = _mm512_cmp_ps_mask(_mm512_mul_ps(u, g), zero, _CMP_GT_OQ);
+        step = _mm512_mask_blend_ps(agree, misaligned, aligned);
+        if (o.masked_dont_move) direction = _mm512_maskz_mov_ps(agree, u);
+      }
+      __m512 decayed = _mm512_mul_ps(p, decay);
+      if (o.cautious_weight_decay)
+        decayed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(direction, p), zero, _CMP_GE_OQ), p, decayed);
+      p = _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
+      __m512i random = _mm512_setzero_si512();
+      if (stochastic)
+        random = mix32_16(_mm512_xor_si512(
+            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(i))), lanes), element_key));
+      store16(param, param_dtype, i, p, stochastic, random);
+      m = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
+      _mm512_storeu_ps(buffer + v, m);
+      peak = _mm512_max_epu32(peak, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
+    }
+    float top = bits_float(_mm512_reduce_max_epu32(peak));
+    absmax[b / o.block_size] = top;
+    top = scale_subnormal_block(buffer, o.block_size, top);
+    const __m512 inverse = _mm512_set1_ps(top > 0 ? 1.0f / top : 0.0f);
+    for (int64_t v = 0; v < o.block_size; v += 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b + v),
+                       nearest_codes16(_mm512_mul_ps(_mm512_loadu_ps(buffer + v), inverse), r));
+  }
+}
+
+}  // namespace
+#endif

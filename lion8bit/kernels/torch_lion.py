@@ -1,0 +1,47 @@
+"""backend="torch": the reference (``lion8bit/reference.py``), one tensor at a time, any device."""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import reference_aligned_count, reference_step
+from . import check_tensors
+
+
+class TorchBackend:
+    name = "torch"
+
+    def device_error(self, device: torch.device, what: str) -> str | None:
+        return None
+
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
+        check_tensors(self.name, params, grads, momenta, formats, block_size)
+        return [
+            reference_aligned_count(grad, momentum, scalars, fmt=fmt, block_size=block_size)
+            for grad, momentum, fmt in zip(grads, momenta, formats)
+        ]
+
+    def lion_step(
+        self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+    ):
+        check_tensors(self.name, params, grads, momenta, formats, block_size)
+        # With a device flag ``skip``, each tensor is updated and then put back where the flag
+        # is set: no host synchronisation, at the cost of a copy per tensor.
+        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+            before = None
+            if skip is not None:
+                before = param.clone(), {key: value.clone() for key, value in momentum.items()}
+            reference_step(
+                param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
+                rounding_keys=None if rounding_keys is None else rounding_keys[index],
+                cautious_steps=None if cautious_steps is None else cautious_steps[index],
+            )
+            if before is not None:
+                old_param, old_momentum = before
+                param.copy_(torch.where(skip, old_param, param))
+                for key, old in old_momentum.items():
+                    momentum[key].copy_(torch.where(skip, old, momentum[key]))
+
+
+def load() -> TorchBackend:
+    return TorchBackend()
