@@ -77,8 +77,8 @@ class Lion(Optimizer):
         stochastic_rounding: unbiased rounding of bf16/fp16 params and of bf16 momentum,
             reproducible (keyed on a per-param seed, the step and the element index).
         paged: keep the momentum of tensors of at least ``lion8bit.momentum.PAGED_MIN_NUMEL`` elements in
-            CUDA managed memory, prefetched before each update (GPU only; warns and uses
-            ordinary memory on CPU).
+            CUDA managed memory, prefetched before each update (GPU only, through the CUDA
+            runtime torch loads; warns and uses ordinary memory on CPU).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cpu"``.
         maximize: maximize the objective instead of minimizing.
         skip_nonfinite: when any grad of the groups that set it is inf or NaN, skip the whole
