@@ -320,3 +320,21 @@ def test_interpreter_set_after_the_kernels_were_decorated_is_refused_before_any_
     assert result.returncode == 0, result.stderr
     assert 'RuntimeError: backend="triton" runs on CUDA tensors' in result.stdout
     assert "state entries: 0" in result.stdout
+
+
+def test_a_triton_older_than_the_tested_range_is_refused_naming_both_versions(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.5.1" if name == "triton" else real(name))
+    kernels.get.cache_clear()
+    kernels.available.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"needs triton >= 3\.6 \(tested: 3\.6 to 3\.9\), found 3\.5\.1"):
+            kernels.resolve("triton", torch.device("cuda", 0))
+        assert not kernels.available("triton")
+    finally:
+        kernels.get.cache_clear()
+        kernels.available.cache_clear()
+    monkeypatch.undo()
+    assert kernels.available("triton")

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from typing import Protocol
 
 import torch
@@ -84,6 +86,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The Triton releases the kernels are tested with (bit-exact in the interpreter, compiled for
+# sm_80 / sm_90): 3.6 is what torch 2.11 pins, 3.9 what CI installs with torch 2.13 (.ci/run tests both).
+TRITON_TESTED = ((3, 6), (3, 9))
+
+
+def _check_triton() -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise UnavailableBackend(
+            'backend="triton" needs the triton package (pip install triton); '
+            'use backend="auto" or "torch" without it'
+        )
+    found = importlib.metadata.version("triton")
+    release = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    oldest = TRITON_TESTED[0]
+    if release < oldest:
+        raise UnavailableBackend(
+            f'backend="triton" needs triton >= {oldest[0]}.{oldest[1]} (tested: 3.6 to 3.9), found {found}; '
+            'upgrade triton, or use backend="auto" or "torch"'
+        )
+
+
 # name -> module in this package; each module defines BACKEND, an object that is a Backend.
 _MODULES = {"torch": "torch_lion", "cpu": "cpu_lion", "triton": "triton_lion"}
 
@@ -93,11 +116,8 @@ def get(name: str) -> Backend:
     """The registered backend ``name``; :class:`UnavailableBackend` saying why if it is not."""
     if name not in _MODULES:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {BACKENDS})")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
-        raise UnavailableBackend(
-            'backend="triton" needs the triton package (pip install triton); '
-            'use backend="auto" or "torch" without it'
-        )
+    if name == "triton":
+        _check_triton()
     module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     return module.load()
 

@@ -152,7 +152,10 @@ def _round_to_fp16(x, bits, STOCHASTIC: tl.constexpr):
         # u < (|x| - low) / (high - low), without the division: high - low is a power of two and
         # both sides are exact in fp32 (quant.round_to_fp16), so the comparison is the same.
         chosen = tl.where(uniform * (high - low) < magnitude - low, high, low)
-        chosen = tl.where(x < 0, -chosen, chosen).to(tl.float16)
+        # copysign by the bits: triton 3.6's interpreter negates 0.0 to +0.0 (0 - x), the
+        # reference (and the GPU's neg.f32) to -0.0.
+        sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+        chosen = (chosen.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float16)
         keep = (nearest32 == x) | ~(tl.abs(nearest32) <= 65504.0)  # exact, infinite or NaN
         nearest = tl.where(keep, nearest, chosen)
     return nearest
@@ -200,7 +203,8 @@ def _direction(
         m = _to_fp32(tl.load(momentum_ptr + offsets, mask=mask, other=0.0))
     g = _to_fp32(tl.load(grad_ptr + offsets, mask=mask, other=0.0))
     if MAXIMIZE:
-        g = -g
+        # -g by its sign bit, as torch negates (-0.0 for 0.0; triton 3.6's interpreter gives +0.0).
+        g = (g.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
     c = m * beta1 + g * one_minus_beta1
     u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign, NaN included
     return g, m, u
