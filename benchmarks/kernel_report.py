@@ -90,7 +90,7 @@ def compile_step(module, variant: Variant, capability: int):
         "cautious_steps_ptr": "fp32" if v.cautious else None,
         "skip_ptr": None,
     }
-    scalars = dict(numel="i32", param_key="i32", momentum_key="i32")
+    scalars = dict(numel="i32", param_key="i32", momentum_key="i32", element_offset="i64")
     scalars.update(
         {n: "fp32" for n in ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay")}
     )

@@ -68,6 +68,7 @@ def lion(
     numels: list[int] | None = None,
     reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     skip: torch.Tensor | None = None,
+    element_offsets: list[int] | None = None,
 ) -> None:
     """One Lion step for tensors on one device that share a group's options.
 
@@ -76,7 +77,8 @@ def lion(
     name of :data:`lion8bit.kernels.BACKENDS`. With caution, ``reduce_counts`` (sharded params)
     turns local aligned counts into whole-parameter counts, and ``numels`` gives the whole
     parameters' sizes (default: the tensors' own). ``skip`` (a bool 0-dim tensor) leaves
-    everything unchanged when true.
+    everything unchanged when true. ``element_offsets``: where each tensor starts in the whole
+    parameter's flat elements (a shard's place; default 0), for stochastic rounding's bits.
     """
     if not params:
         return
@@ -113,7 +115,7 @@ def lion(
         keys = [rounding_keys(entry[mom.SR_SEED], entry[mom.STEP]) for entry in entries]
     implementation.lion_step(
         local_params, local_grads, momenta, formats, **common,
-        rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip,
+        rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip, element_offsets=element_offsets,
     )
     staging.finish()
     for param in params:

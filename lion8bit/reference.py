@@ -181,13 +181,15 @@ def reference_step(
     block_size: int,
     rounding_keys: tuple[int, int] | None = None,
     cautious_steps: torch.Tensor | None = None,
+    element_offset: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
     """One optimizer step for one tensor, in place on ``param`` and its momentum buffers.
 
     ``momentum`` holds the buffers in format ``fmt`` (keys of :mod:`lion8bit.momentum`).
     ``rounding_keys`` (from :func:`rounding_keys`) makes the rounding of bf16 / fp16 params and
-    of bf16 momentum stochastic; None rounds to nearest even.
+    of bf16 momentum stochastic, with the random bits of flat indices ``element_offset`` ... (the
+    tensor's place in the whole parameter, for a shard); None rounds to nearest even.
     """
     old = decode_momentum(momentum, fmt, block_size, compute_dtype)
     new_param, new_momentum = lion_update(
@@ -197,8 +199,10 @@ def reference_step(
     if rounding_keys is not None:
         param_key, momentum_key = rounding_keys
         if param.dtype in (torch.bfloat16, torch.float16):
-            param_bits = quant.random_bits(param_key, param.numel(), param.device).view(param.shape)
+            param_bits = quant.random_bits(param_key, param.numel(), param.device, element_offset)
+            param_bits = param_bits.view(param.shape)
         if fmt == "bf16":
-            momentum_bits = quant.random_bits(momentum_key, param.numel(), param.device).view(param.shape)
+            momentum_bits = quant.random_bits(momentum_key, param.numel(), param.device, element_offset)
+            momentum_bits = momentum_bits.view(param.shape)
     encode_momentum(momentum, new_momentum.float(), fmt, block_size, momentum_bits)
     param.copy_(quant.round_to_storage(new_param.float(), param.dtype, param_bits))

@@ -122,12 +122,15 @@ def written_rounding_key(seed: int, step: int, stream: int) -> int:
     return _mix32(_mix32((seed ^ _mix32(stream + 1)) & 0xFFFFFFFF) ^ (step & 0xFFFFFFFF))
 
 
-def reference_steps(params, grads, entries, formats, group, *, block_size=quant.BLOCK_SIZE, numels=None):
+def reference_steps(
+    params, grads, entries, formats, group, *, block_size=quant.BLOCK_SIZE, numels=None, element_offsets=None
+):
     """The oracle: one step of every tensor by reference.py, in place. Each entry's step already
     counts this step; keys come from :func:`written_rounding_key` with that step."""
     scalars = lion_scalars(group)
     numels = numels or [p.numel() for p in params]
-    for param, grad, entry, fmt, numel in zip(params, grads, entries, formats, numels):
+    element_offsets = element_offsets or [0] * len(params)
+    for param, grad, entry, fmt, numel, offset in zip(params, grads, entries, formats, numels, element_offsets):
         cautious_steps = None
         if scalars.cautious:
             count = reference_aligned_count(grad, entry, scalars, fmt=fmt, block_size=block_size)
@@ -138,7 +141,7 @@ def reference_steps(params, grads, entries, formats, group, *, block_size=quant.
             keys = (written_rounding_key(seed, step, 0), written_rounding_key(seed, step, 1))
         reference_step(
             param, grad, entry, scalars, fmt=fmt, block_size=block_size,
-            rounding_keys=keys, cautious_steps=cautious_steps,
+            rounding_keys=keys, cautious_steps=cautious_steps, element_offset=offset,
         )
 
 
@@ -157,14 +160,17 @@ def assert_same_state(params, entries, expected_params, expected_entries, format
                 assert entry[key] == value, f"{label} {key}"
 
 
-def step_and_compare(backend, params, grads, entries, formats, group, *, block_size=quant.BLOCK_SIZE):
+def step_and_compare(
+    backend, params, grads, entries, formats, group, *, block_size=quant.BLOCK_SIZE, element_offsets=None
+):
     """One step of the functional with ``backend`` on copies, one of the oracle on the originals;
     every buffer must agree bit for bit. Returns the backend's (params, entries)."""
     ours = copies(params, entries)
     lion(
         ours[0], grads, ours[1], formats, scalars=lion_scalars(group), block_size=block_size,
         stochastic_rounding=group.get("stochastic_rounding", False), backend=backend,
+        element_offsets=element_offsets,
     )
-    reference_steps(params, grads, entries, formats, group, block_size=block_size)
+    reference_steps(params, grads, entries, formats, group, block_size=block_size, element_offsets=element_offsets)
     assert_same_state(*ours, params, entries, formats)
     return ours

@@ -226,6 +226,34 @@ def test_stochastic_rounding_is_used(backend):
     assert not torch.equal(nearest[1][0][mom.MOMENTUM], rounded[1][0][mom.MOMENTUM])
 
 
+@every_backend
+def test_element_offsets_key_stochastic_rounding_on_the_whole_parameters_indices(backend):
+    """A shard's bits are those of its elements' indices in the whole parameter: offsets at a
+    block boundary (8-bit), anywhere (bf16 / fp32 momentum), and across 2**32 (a new element
+    key mid-tensor)."""
+    generator = torch.Generator().manual_seed(12)
+    params, grads, entries, formats = batch(
+        [300, 4097], generator, pairings=[PAIRINGS[1], PAIRINGS[3]], formats=["8bit", "bf16"]
+    )
+    offsets = []
+    for index, fmt in enumerate(formats):
+        straddling = 2**32 - 100 if index % 2 else 2**33 + 7
+        offsets.append(256 * (index + 1) if fmt == "8bit" else straddling)
+    group = group_of(0.3, 0.5, False, False, False, True)
+    shifted = step_and_compare(backend, *copies(params, entries)[:1], grads, copies(params, entries)[1], formats,
+                               group, element_offsets=offsets)
+    unshifted = step_and_compare(backend, *copies(params, entries)[:1], grads, copies(params, entries)[1], formats,
+                                 group)
+    assert not any(torch.equal(a, b) for a, b in zip(shifted[0], unshifted[0], strict=True))
+
+
+def test_an_8bit_offset_off_the_blocks_is_refused():
+    param, grad, entry = make_tensor(1000, torch.float32, torch.float32, "8bit", torch.Generator().manual_seed(1))
+    momentum = {key: entry[key] for key in BUFFER_KEYS["8bit"]}
+    with pytest.raises(ValueError, match="Invalid element offset"):
+        kernels.check_tensors("torch", [param], [grad], [momentum], ["8bit"], 256, [100])
+
+
 BAD_BUFFERS = {
     "absmax bf16": ("8bit", mom.MOMENTUM_ABSMAX, lambda t: t.bfloat16()),
     "codes int8": ("8bit", mom.MOMENTUM_CODES, lambda t: t.to(torch.int8)),

@@ -28,9 +28,8 @@ def _nearest_codes_kernel(normalized_ptr, requant_table_ptr, codes_ptr, numel, B
 
 @triton.jit
 def _random_bits_kernel(bits_ptr, key, start, numel, BLOCK: tl.constexpr):
-    tile_start = start + tl.program_id(0).to(tl.int64) * BLOCK
-    offsets = tile_start + tl.arange(0, BLOCK)
-    bits = _random_bits(key, offsets, tile_start)
+    offsets = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    bits = _random_bits(key, offsets)
     tl.store(bits_ptr + offsets - start, bits.to(tl.int64), mask=offsets - start < numel)
 
 

@@ -63,7 +63,7 @@ class Backend(Protocol):
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int,
-        rounding_keys, cautious_steps, skip,
+        rounding_keys, cautious_steps, skip, element_offsets=None,
     ) -> None:
         """The whole update, in place.
 
@@ -74,6 +74,10 @@ class Backend(Protocol):
         - ``skip``: None, or a bool 0-dim tensor on the params' (non-CPU) device: when true,
           nothing may change. Decided on the device, never read on the host; never given for
           CPU tensors (the functional decides those on the host).
+        - ``element_offsets``: None (all 0), or per tensor the flat index of its first element in
+          the whole parameter it is part of (a shard's place in it). Stochastic rounding draws
+          the bits of those whole-parameter indices. For "8bit" a multiple of ``block_size``:
+          absmax blocks are blocks of the whole parameter.
         """
 
 
@@ -161,11 +165,13 @@ _BUFFER_DTYPES = {
 }
 
 
-def check_tensors(backend: str, params, grads, momenta, formats, block_size: int) -> None:
+def check_tensors(backend: str, params, grads, momenta, formats, block_size: int, element_offsets=None) -> None:
     """ValueError unless the tensors are what the contract promises: dtypes, sizes, one device,
     contiguity. A fused kernel reads raw memory, so a wrong buffer (a bf16 absmax read as fp32)
     would read out of bounds instead of failing."""
-    if not len(params) == len(grads) == len(momenta) == len(formats):
+    if not len(params) == len(grads) == len(momenta) == len(formats) or (
+        element_offsets is not None and len(element_offsets) != len(params)
+    ):
         raise ValueError(f'Invalid call of backend="{backend}": lists of different lengths')
     for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
         where = f'backend="{backend}", tensor {index}'
@@ -191,3 +197,12 @@ def check_tensors(backend: str, params, grads, momenta, formats, block_size: int
                 raise ValueError(f"Invalid {what} for {where}: must be contiguous, on the param's {param.device}")
         if not param.is_contiguous():
             raise ValueError(f"Invalid param for {where}: must be contiguous")
+        if element_offsets is not None:
+            offset = element_offsets[index]
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or (
+                fmt == "8bit" and offset % block_size
+            ):
+                raise ValueError(
+                    f"Invalid element offset for {where}: {offset!r} (a non-negative int; for 8-bit state "
+                    f"a multiple of block_size={block_size})"
+                )

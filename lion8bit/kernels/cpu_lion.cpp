@@ -126,12 +126,12 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
       if (!momentum_in_place) load_momentum(m, d, o, start, n, t);
       if (!param_in_place) load(p, param, d[PARAM_DTYPE], start, n);
       update(ps, ms, gs, n, o, cautious, aligned_step, misaligned_step);
-      if (!param_in_place) store(p, param, d[PARAM_DTYPE], start, n, param_key);
+      if (!param_in_place) store(p, param, d[PARAM_DTYPE], start, n, param_key, d[ELEMENT_OFFSET]);
       if (d[FORMAT] == Q8) {
         encode_8bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<float*>(d[ABSMAX_PTR]),
                     inverses, o.block_size, start, n, t);
       } else if (!momentum_in_place) {
-        store(m, momentum, BF16, start, n, momentum_key);
+        store(m, momentum, BF16, start, n, momentum_key, d[ELEMENT_OFFSET]);
       }
     }
   });

@@ -22,7 +22,7 @@ from .. import quant
 from . import UnavailableBackend, check_tensors, cpu_build
 
 # Descriptor row of one tensor, and the codes of cpu_lion.cpp's enums (same order).
-_FIELDS = 10
+_FIELDS = 11
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FORMATS = {"8bit": 0, "bf16": 1, "fp32": 2}
 _MAXIMIZE, _MASKED_DONT_MOVE, _CAUTIOUS_WEIGHT_DECAY, _STOCHASTIC = 1, 2, 4, 8
@@ -85,7 +85,7 @@ def _flags(scalars, stochastic_rounding: bool) -> int:
     return flags
 
 
-def _descriptors(params, grads, momenta, formats, rounding_keys) -> tuple[torch.Tensor, list[int]]:
+def _descriptors(params, grads, momenta, formats, rounding_keys, element_offsets=None) -> tuple[torch.Tensor, list[int]]:
     """(int64 descriptor rows of the non-empty tensors, their positions in the lists)."""
     rows, positions = [], []
     for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
@@ -99,6 +99,7 @@ def _descriptors(params, grads, momenta, formats, rounding_keys) -> tuple[torch.
         rows.append([
             param.data_ptr(), grad.data_ptr(), state.data_ptr(), absmax, param.numel(),
             _DTYPES[param.dtype], _DTYPES[grad.dtype], _FORMATS[fmt], param_key, momentum_key,
+            0 if element_offsets is None else element_offsets[index],
         ])
         positions.append(index)
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, _FIELDS), positions
@@ -115,8 +116,8 @@ class CpuBackend:
             return f'backend="cpu" runs on CPU tensors, got {what} on {device}'
         return None
 
-    def _check(self, params, grads, momenta, formats, block_size) -> None:
-        check_tensors(self.name, params, grads, momenta, formats, block_size)
+    def _check(self, params, grads, momenta, formats, block_size, element_offsets=None) -> None:
+        check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
         for param in params:
             error = self.device_error(param.device, "a parameter")
             if error:
@@ -140,11 +141,12 @@ class CpuBackend:
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+        element_offsets=None,
     ):
         if skip is not None:
             raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
-        self._check(params, grads, momenta, formats, block_size)
-        descriptors, positions = _descriptors(params, grads, momenta, formats, rounding_keys)
+        self._check(params, grads, momenta, formats, block_size, element_offsets)
+        descriptors, positions = _descriptors(params, grads, momenta, formats, rounding_keys, element_offsets)
         if not positions:
             return
         steps = None

@@ -16,7 +16,7 @@ enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2 };
 // Fields of one tensor's descriptor row (int64), written by cpu_lion.py.
 enum Field : int64_t {
   PARAM_PTR, GRAD_PTR, MOMENTUM_PTR, ABSMAX_PTR, NUMEL,
-  PARAM_DTYPE, GRAD_DTYPE, FORMAT, PARAM_KEY, MOMENTUM_KEY, FIELDS
+  PARAM_DTYPE, GRAD_DTYPE, FORMAT, PARAM_KEY, MOMENTUM_KEY, ELEMENT_OFFSET, FIELDS
 };
 // Step scalars (fp32, rounded once by the host as torch rounds a Python float operand).
 enum Scalar : int64_t { BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, DECAY, LR, SCALARS };
@@ -177,34 +177,46 @@ inline void load(float* __restrict out, const void* base, int64_t dtype, int64_t
   }
 }
 
-// Round fp32 values to storage; `key` >= 0 rounds bf16 / fp16 stochastically with the random
-// bits of lion8bit.quant.random_bits(key, ...) for flat indices start ...
+// Round fp32 values to storage at elements start .. start+n-1; `key` >= 0 rounds bf16 / fp16
+// stochastically with the random bits of lion8bit.quant.random_bits(key, ...) for the flat
+// indices offset+start ... of the whole tensor (`offset`: where this tensor starts in it).
+template <typename Round>
+inline void round_run(const float* __restrict in, uint16_t* __restrict out, int64_t n, int64_t index,
+                      int64_t key, Round round) {
+  uint32_t element_key = mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(index >> 32));
+  uint32_t low = static_cast<uint32_t>(index);
+  for (int64_t i = 0; i < n; ++i) out[i] = round(in[i], mix32((low + static_cast<uint32_t>(i)) ^ element_key));
+}
+
+template <typename Round>
+inline void round_stochastic(const float* in, uint16_t* out, int64_t n, int64_t index, int64_t key, Round round) {
+  // The element key changes where the flat index crosses a multiple of 2**32: at most once here.
+  const int64_t boundary = ((index >> 32) + 1) << 32;
+  const int64_t first = std::min(n, boundary - index);
+  round_run(in, out, first, index, key, round);
+  if (first < n) round_run(in + first, out + first, n - first, index + first, key, round);
+}
+
 inline void store(const float* __restrict in, void* base, int64_t dtype, int64_t start, int64_t n,
-                  int64_t key) {
+                  int64_t key, int64_t offset) {
   if (dtype == F32) {
     std::memcpy(static_cast<float*>(base) + start, in, n * sizeof(float));
     return;
   }
   uint16_t* __restrict out = static_cast<uint16_t*>(base) + start;
-  // Stages are aligned runs of a power-of-two size, so they never straddle a 2**32 boundary.
-  uint32_t element_key = mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(start >> 32));
-  uint32_t low = static_cast<uint32_t>(start);
   if (dtype == BF16) {
     if (key < 0) {
       for (int64_t i = 0; i < n; ++i) out[i] = bf16_nearest(in[i]);
     } else {
-      for (int64_t i = 0; i < n; ++i)
-        out[i] = bf16_stochastic(in[i], mix32((low + static_cast<uint32_t>(i)) ^ element_key));
+      round_stochastic(in, out, n, offset + start, key, bf16_stochastic);
     }
   } else {
     if (key < 0) {
       for (int64_t i = 0; i < n; ++i) out[i] = fp16_nearest(in[i]);
     } else {
-      for (int64_t i = 0; i < n; ++i)
-        out[i] = fp16_stochastic(in[i], mix32((low + static_cast<uint32_t>(i)) ^ element_key));
+      round_stochastic(in, out, n, offset + start, key, fp16_stochastic);
     }
   }
 }
-
 
 }  // namespace

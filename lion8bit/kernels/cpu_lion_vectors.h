@@ -53,6 +53,7 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
   float* absmax = reinterpret_cast<float*>(d[ABSMAX_PTR]);
   const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE];
   const bool stochastic = param_key >= 0 && param_dtype == BF16;
+  const int64_t offset = d[ELEMENT_OFFSET];
   const __m512 beta1 = _mm512_set1_ps(o.beta1), one_minus_beta1 = _mm512_set1_ps(o.one_minus_beta1),
                beta2 = _mm512_set1_ps(o.beta2), one_minus_beta2 = _mm512_set1_ps(o.one_minus_beta2),
                decay = _mm512_set1_ps(o.decay), aligned = _mm512_set1_ps(aligned_step),
@@ -62,9 +63,12 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t b = start; b < end; b += o.block_size) {
     const __m512 scale = _mm512_set1_ps(absmax[b / o.block_size]);
-    // Blocks are aligned runs of a power-of-two size: none straddles a 2**32 boundary.
+    // Blocks are aligned runs of a power-of-two size in the whole tensor's flat index (the
+    // launcher checks that an 8-bit tensor's offset is a multiple of the block size): none
+    // straddles a 2**32 boundary.
+    const int64_t index = offset + b;
     const __m512i element_key = _mm512_set1_epi32(static_cast<int32_t>(
-        mix32(static_cast<uint32_t>(param_key) ^ static_cast<uint32_t>(b >> 32))));
+        mix32(static_cast<uint32_t>(param_key) ^ static_cast<uint32_t>(index >> 32))));
     __m512i peak = _mm512_setzero_si512();
     for (int64_t v = 0; v < o.block_size; v += 16) {
       const int64_t i = b + v;
@@ -89,7 +93,7 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
       __m512i random = _mm512_setzero_si512();
       if (stochastic)
         random = mix32_16(_mm512_xor_si512(
-            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(i))), lanes), element_key));
+            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(index + v))), lanes), element_key));
       store16(param, param_dtype, i, p, stochastic, random);
       m = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
       _mm512_storeu_ps(buffer + v, m);

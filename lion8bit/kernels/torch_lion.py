@@ -23,8 +23,9 @@ class TorchBackend:
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+        element_offsets=None,
     ):
-        check_tensors(self.name, params, grads, momenta, formats, block_size)
+        check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
         # With a device flag ``skip``, each tensor is updated and then put back where the flag
         # is set: no host synchronisation, at the cost of a copy per tensor.
         for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
@@ -35,6 +36,7 @@ class TorchBackend:
                 param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
                 rounding_keys=None if rounding_keys is None else rounding_keys[index],
                 cautious_steps=None if cautious_steps is None else cautious_steps[index],
+                element_offset=0 if element_offsets is None else element_offsets[index],
             )
             if before is not None:
                 old_param, old_momentum = before

@@ -105,11 +105,12 @@ def _mix32(x):
 
 
 @triton.jit
-def _random_bits(key, offsets, tile_start):
-    # quant.random_bits: mix32(low32(i) ^ mix32(key ^ (i >> 32))). A tile has a power-of-two
-    # size, so it never straddles a multiple of 2**32: one element key per tile.
-    element_key = _mix32(key.to(tl.uint32, bitcast=True) ^ (tile_start >> 32).to(tl.uint32))
-    return _mix32(offsets.to(tl.uint32) ^ element_key)
+def _random_bits(key, indices):
+    # quant.random_bits: mix32(low32(i) ^ mix32(key ^ (i >> 32))) for int64 flat indices i of the
+    # whole parameter (a shard starts at its element offset, anywhere, so the element key is
+    # computed per element).
+    element_key = _mix32(key.to(tl.uint32, bitcast=True) ^ (indices >> 32).to(tl.uint32))
+    return _mix32(indices.to(tl.uint32) ^ element_key)
 
 
 @triton.jit
@@ -230,7 +231,7 @@ def _aligned_count_kernel(
     tl.store(partial_counts_ptr + tl.program_id(0), tl.sum(aligned))
 
 
-@triton.jit(do_not_specialize=["param_key", "momentum_key"])
+@triton.jit(do_not_specialize=["param_key", "momentum_key", "element_offset"])
 def _lion_step_kernel(
     # updated in place
     param_ptr, momentum_ptr, absmax_ptr,
@@ -240,8 +241,9 @@ def _lion_step_kernel(
     numel,
     # fp32 scalars of reference.LionScalars
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-    # stochastic rounding: uint32 keys (quant.rounding_key) as int32 bit patterns
-    param_key, momentum_key,
+    # stochastic rounding: uint32 keys (quant.rounding_key) as int32 bit patterns, and the flat
+    # index of element 0 in the whole parameter
+    param_key, momentum_key, element_offset,
     FORMAT: tl.constexpr,  # "8bit" | "bf16" | "fp32"
     MAXIMIZE: tl.constexpr,
     CAUTIOUS: tl.constexpr,
@@ -287,13 +289,13 @@ def _lion_step_kernel(
     p = p - u * step
     m = m * beta2 + g * one_minus_beta2
 
-    tile_start = tl.program_id(0).to(tl.int64) * ROWS * QUANT_BLOCK
+    indices = offsets + element_offset
     param_type: tl.constexpr = param_ptr.dtype.element_ty
     if param_type == tl.bfloat16:
-        bits = _random_bits(param_key, offsets, tile_start) if STOCHASTIC_PARAM else None
+        bits = _random_bits(param_key, indices) if STOCHASTIC_PARAM else None
         p = _round_to_bf16(p, bits, STOCHASTIC_PARAM)
     elif param_type == tl.float16:
-        bits = _random_bits(param_key, offsets, tile_start) if STOCHASTIC_PARAM else None
+        bits = _random_bits(param_key, indices) if STOCHASTIC_PARAM else None
         p = _round_to_fp16(p, bits, STOCHASTIC_PARAM)
     tl.store(param_ptr + offsets, p, mask=mask)
 
@@ -309,7 +311,7 @@ def _lion_step_kernel(
         tl.store(momentum_ptr + offsets, codes, mask=mask)
         tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
     elif FORMAT == "bf16":
-        bits = _random_bits(momentum_key, offsets, tile_start) if STOCHASTIC_MOMENTUM else None
+        bits = _random_bits(momentum_key, indices) if STOCHASTIC_MOMENTUM else None
         tl.store(momentum_ptr + offsets, _round_to_bf16(m, bits, STOCHASTIC_MOMENTUM), mask=mask)
     else:
         tl.store(momentum_ptr + offsets, m, mask=mask)
@@ -366,8 +368,8 @@ class TritonBackend:
             "run them in Triton's CPU interpreter (slow, for tests)"
         )
 
-    def _check(self, params, grads, momenta, formats, block_size) -> None:
-        check_tensors(self.name, params, grads, momenta, formats, block_size)
+    def _check(self, params, grads, momenta, formats, block_size, element_offsets=None) -> None:
+        check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
         for param in params:
             error = self.device_error(param.device, "a parameter")
             if error:
@@ -399,8 +401,9 @@ class TritonBackend:
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+        element_offsets=None,
     ):
-        self._check(params, grads, momenta, formats, block_size)
+        self._check(params, grads, momenta, formats, block_size, element_offsets)
         s = scalars
         skip_flag = None if skip is None else skip.to(torch.uint8)
         for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
@@ -423,7 +426,7 @@ class TritonBackend:
                     numel,
                     _fp32(s.lr), _fp32(s.beta1), _fp32(s.one_minus_beta1),
                     _fp32(s.beta2), _fp32(s.one_minus_beta2), _fp32(s.decay),
-                    param_key, momentum_key,
+                    param_key, momentum_key, 0 if element_offsets is None else element_offsets[index],
                     FORMAT=fmt,
                     MAXIMIZE=s.maximize,
                     CAUTIOUS=s.cautious,
