@@ -49,6 +49,11 @@ class Backend(Protocol):
     - ``formats``: per tensor, "8bit" | "bf16" | "fp32".
     - ``scalars``: the group's :class:`~lion8bit.reference.LionScalars`; ``block_size``: elements
       per absmax block.
+    - ``step_scalars``: None, or (``capturable=True``) an fp32 tensor [6] on the params' device:
+      beta1, 1 - beta1, beta2, 1 - beta2, decay, lr, rounded as :func:`~lion8bit.reference.lion_scalars`
+      rounds them, computed on the device so that an LR schedule between CUDA-graph replays is
+      seen. When given, these values replace ``scalars``' floats (:data:`STEP_SCALARS` names
+      them); ``scalars`` still gives the flags (maximize, caution, cautious weight decay).
     """
 
     name: str
@@ -57,18 +62,22 @@ class Backend(Protocol):
         """None if this backend can update tensors on ``device``, else why not (an error
         message that names ``what``, e.g. the parameter)."""
 
-    def aligned_counts(self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int):
+    def aligned_counts(
+        self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int, step_scalars=None,
+    ):
         """The cautious pre-pass: per tensor, an int64 0-dim tensor counting the elements whose
         update sign agrees with the gradient (reads the old momentum and the grad only)."""
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars: LionScalars, block_size: int,
-        rounding_keys, cautious_steps, skip, element_offsets=None,
+        rounding_keys, cautious_steps, skip, element_offsets=None, step_scalars=None,
     ) -> None:
         """The whole update, in place.
 
         - ``rounding_keys``: None, or per tensor ``(param_key, momentum_key)``: the uint32
-          stochastic-rounding keys of :func:`lion8bit.reference.rounding_keys`.
+          stochastic-rounding keys of :func:`lion8bit.reference.rounding_keys`; with
+          ``capturable=True`` an int64 tensor [n, 2] of them on the params' device (computed
+          there from the device step counters).
         - ``cautious_steps``: None without caution, else per tensor an fp32 [2] tensor (step
           where aligned, where not) on the params' device.
         - ``skip``: None, or a bool 0-dim tensor on the params' (non-CPU) device: when true,
@@ -79,6 +88,10 @@ class Backend(Protocol):
           the bits of those whole-parameter indices. For "8bit" a multiple of ``block_size``:
           absmax blocks are blocks of the whole parameter.
         """
+
+
+# The order of ``step_scalars``.
+STEP_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "lr")
 
 
 class UnavailableBackend(RuntimeError):

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..reference import reference_aligned_count, reference_step
-from . import check_tensors
+from . import STEP_SCALARS, check_tensors
+
+
+def _with_device_scalars(scalars, step_scalars):
+    # 0-dim fp32 tensors in the reference's arithmetic give the bits of the Python floats they
+    # were rounded from (torch rounds a Python float operand of an fp32 op to fp32).
+    if step_scalars is None:
+        return scalars
+    return dataclasses.replace(scalars, **{name: step_scalars[i] for i, name in enumerate(STEP_SCALARS)})
+
+
+def _keys(rounding_keys, index):
+    if rounding_keys is None:
+        return None
+    return tuple(rounding_keys[index])  # ints, or 0-dim int64 tensors (quant.random_bits takes both)
 
 
 class TorchBackend:
@@ -14,8 +30,9 @@ class TorchBackend:
     def device_error(self, device: torch.device, what: str) -> str | None:
         return None
 
-    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size, step_scalars=None):
         check_tensors(self.name, params, grads, momenta, formats, block_size)
+        scalars = _with_device_scalars(scalars, step_scalars)
         return [
             reference_aligned_count(grad, momentum, scalars, fmt=fmt, block_size=block_size)
             for grad, momentum, fmt in zip(grads, momenta, formats)
@@ -23,9 +40,10 @@ class TorchBackend:
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
-        element_offsets=None,
+        element_offsets=None, step_scalars=None,
     ):
         check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
+        scalars = _with_device_scalars(scalars, step_scalars)
         # With a device flag ``skip``, each tensor is updated and then put back where the flag
         # is set: no host synchronisation, at the cost of a copy per tensor.
         for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
@@ -34,7 +52,7 @@ class TorchBackend:
                 before = param.clone(), {key: value.clone() for key, value in momentum.items()}
             reference_step(
                 param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
-                rounding_keys=None if rounding_keys is None else rounding_keys[index],
+                rounding_keys=_keys(rounding_keys, index),
                 cautious_steps=None if cautious_steps is None else cautious_steps[index],
                 element_offset=0 if element_offsets is None else element_offsets[index],
             )
