@@ -92,12 +92,16 @@ def lion(
         else:
             device_skip = skip.to(device, non_blocking=True)
 
+    # Staging costs a check per tensor, so the common case (everything contiguous) is a pass of
+    # C-level is_contiguous calls; entries are handed on as they are (backends read the buffer
+    # keys of each format and ignore the rest).
     staging = _Staging()
-    local_params = [staging.write(param) for param in params]
-    local_grads = [staging.read(grad) for grad in grads]
-    momenta = [
-        {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)
-    ]
+    contiguous = torch.Tensor.is_contiguous
+    local_params = params if all(map(contiguous, params)) else [staging.write(param) for param in params]
+    local_grads = grads if all(map(contiguous, grads)) else [staging.read(grad) for grad in grads]
+    momenta = entries
+    if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats) for key in BUFFER_KEYS[fmt]):
+        momenta = [{key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)]
     common = dict(scalars=scalars, block_size=block_size)
 
     cautious_steps = None
@@ -118,5 +122,4 @@ def lion(
         rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip, element_offsets=element_offsets,
     )
     staging.finish()
-    for param in params:
-        increment_version(param)
+    increment_version(params)

@@ -31,6 +31,20 @@ def _lr_is_zero(lr) -> bool:
     return float(lr) == 0.0
 
 
+def _grad_fits(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """The common case of :meth:`Lion._check_grad`: a dense grad like the param."""
+    return (
+        (grad.dtype is param.dtype or grad.dtype is torch.float32)
+        and grad.shape == param.shape
+        and grad.device == param.device
+        and not grad.is_sparse
+        and ((type(grad) in _PLAIN and type(param) in _PLAIN) or sharded.same_layout(grad, param))
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 class _Bucket:
     """The params of one group on one device, with their local views and state entries."""
 
@@ -144,6 +158,7 @@ class Lion(Optimizer):
         )
         check_group_options(defaults)
         self._paged_warned = False
+        self._block_sizes: dict[int, int] = {}  # id(group) -> the block_size its state was checked for
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -174,6 +189,7 @@ class Lion(Optimizer):
                 group.setdefault(name, default)
             group.setdefault("decoupled_initial_lr", float(group["lr"]))
         self.__dict__.setdefault("_paged_warned", False)
+        self._block_sizes = {}  # loaded state: check it at the next step
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -196,13 +212,12 @@ class Lion(Optimizer):
     def _new_momentum(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
         return sharded.new_momentum(param, fmt, group["block_size"], self._allocator(param, group))
 
-    def _prepare(self, param: torch.Tensor, group: dict, index: int) -> tuple[dict, str]:
-        """The param's state entry: created, or re-encoded if the group's state kind changed.
-
-        For a DTensor param the format follows the whole param's size, as unsharded.
+    def _prepare(self, param: torch.Tensor, group: dict, index: int, fmt: str) -> dict:
+        """The param's state entry: created, or re-encoded if the group's state kind changed;
+        ``fmt`` is the format its momentum must have (for a DTensor param it follows the whole
+        param's size, as unsharded).
         """
         block_size = group["block_size"]
-        fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
         entry = self.state[param]
         if not entry:
             # Allocate first: an allocation that fails (paged out of memory) leaves no half-made
@@ -222,16 +237,18 @@ class Lion(Optimizer):
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
             entry[mom.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
-        return entry, fmt
+        return entry
 
     @staticmethod
-    def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label: str) -> None:
+    def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label) -> None:
+        """ValueError unless the 8-bit state's absmax fits the group's block_size; ``label()``
+        names the param."""
         if mom.stored_format(entry) == "8bit":
             found = tuple(entry[mom.MOMENTUM_ABSMAX].shape)
             expected = sharded.absmax_shape(param, group["block_size"])
             if found != expected:
                 raise ValueError(
-                    f"{label}: its 8-bit momentum has absmax of shape {found}, but "
+                    f"{label()}: its 8-bit momentum has absmax of shape {found}, but "
                     f"block_size={group['block_size']} needs {expected}; block_size cannot change "
                     "once the state exists"
                 )
@@ -251,18 +268,24 @@ class Lion(Optimizer):
         for group, params in collected:
             buckets: dict[torch.device, _Bucket] = defaultdict(_Bucket)
             skip_counters = []
-            for index, param in params:
-                fresh = not self.state.get(param)
-                entry, fmt = self._prepare(param, group, index)
-                if not (fresh and _lr_is_zero(group["lr"])):
+            block_size, kind, min_8bit_size = group["block_size"], group["state"], group["min_8bit_size"]
+            for index, param, entry in params:
+                fmt = mom.momentum_format(param.numel(), kind, min_8bit_size)
+                if not entry or mom.stored_format(entry) != fmt or group["stochastic_rounding"] or group["skip_nonfinite"]:
+                    fresh = not entry
+                    entry = self._prepare(param, group, index, fmt)
+                    if not (fresh and _lr_is_zero(group["lr"])):
+                        entry[mom.STEP] += 1
+                    if group["skip_nonfinite"]:
+                        skip_counters.append(entry[mom.NONFINITE_SKIPS])
+                else:
                     entry[mom.STEP] += 1
-                if group["skip_nonfinite"]:
-                    skip_counters.append(entry[mom.NONFINITE_SKIPS])
-                local_param = sharded.local(param)
-                buckets[local_param.device].add(
-                    param, local_param, sharded.local(param.grad),
-                    sharded.local_entry(param, entry, group["block_size"]), fmt,
-                )
+                if sharded.is_sharded(param):
+                    local_param = sharded.local(param)
+                    bucket = buckets[local_param.device]
+                    bucket.add(param, local_param, sharded.local(param.grad), sharded.local_entry(param, entry, block_size), fmt)
+                else:
+                    buckets[param.device].add(param, param, param.grad, entry, fmt)
             scalars = lion_scalars(group)
             for bucket in buckets.values():
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
@@ -287,28 +310,43 @@ class Lion(Optimizer):
                     )
             for counter in skip_counters:
                 counter.add_(skip.to(counter.device, non_blocking=True))
+            self._block_sizes[id(group)] = group["block_size"]
         return loss
 
-    def _collect(self) -> list[tuple[dict, list[tuple[int, torch.Tensor]]]]:
-        """Per group, its params with a grad as (index among all params, param).
+    def _collect(self) -> list[tuple[dict, list[tuple[int, torch.Tensor, dict | None]]]]:
+        """Per group, its params with a grad as (index among all params, param, state entry or
+        None).
 
         Checks everything a step could fail on before the step changes anything: the grads,
-        the backend and the device it runs on, the existing state's layout.
+        the backend and the device it runs on, the existing state's layout. The common case
+        takes a few comparisons per param; an error message is made only for an error.
         """
         collected = []
         index = -1
+        state = self.state
         for group_index, group in enumerate(self.param_groups):
-            params = []
+            params, checked_devices = [], set()
+            # 8-bit state has the blocks of the block_size it was made with; only a group whose
+            # block_size was changed since its last step needs its entries checked.
+            check_blocks = self._block_sizes.get(id(group)) != group["block_size"]
             for position, param in enumerate(group["params"]):
                 index += 1
-                if param.grad is None:
+                grad = param.grad
+                if grad is None:
                     continue
-                label = param_label(group_index, position, group, param)
-                self._check_grad(param, param.grad, label)
-                kernels.resolve(group["backend"], sharded.local(param).device, label)
-                if self.state.get(param):
-                    self._check_state_fits(param, self.state[param], group, label)
-                params.append((index, param))
+                if not _grad_fits(param, grad):
+                    self._check_grad(param, grad, param_label(group_index, position, group, param))
+                device = param.device if type(param) in _PLAIN else sharded.local(param).device
+                if device not in checked_devices:
+                    try:
+                        kernels.resolve(group["backend"], device)
+                    except kernels.UnavailableBackend:
+                        kernels.resolve(group["backend"], device, param_label(group_index, position, group, param))
+                    checked_devices.add(device)
+                entry = state.get(param)
+                if check_blocks and entry and mom.MOMENTUM_ABSMAX in entry:
+                    self._check_state_fits(param, entry, group, lambda: param_label(group_index, position, group, param))
+                params.append((index, param, entry))
             if params:
                 collected.append((group, params))
         return collected
@@ -321,7 +359,7 @@ class Lion(Optimizer):
         params the flag is OR-ed over their meshes (a rank seeing a NaN in its shard makes every
         rank skip).
         """
-        params = [p for group, items in collected if group["skip_nonfinite"] for _, p in items]
+        params = [p for group, items in collected if group["skip_nonfinite"] for _, p, _ in items]
         if not params:
             return None
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)

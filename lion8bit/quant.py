@@ -11,8 +11,6 @@ Everything here is plain PyTorch and defines the bits the fused backends must re
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 BLOCK_SIZE = 256
@@ -51,26 +49,30 @@ def _build_codebook() -> torch.Tensor:
 _CODEBOOK = _build_codebook()
 
 
-@functools.lru_cache(maxsize=None)
-def _codebook_on(device: torch.device) -> torch.Tensor:
-    return _CODEBOOK.to(device)
+# Midpoints between neighbouring codes: exact in float64 (sum of two fp32 values, halved).
+_THRESHOLDS = ((_CODEBOOK.double()[:-1] + _CODEBOOK.double()[1:]) / 2)
+
+# Per-device copies, made once. Plain dicts rather than functools caches: torch.compile traces
+# through a dict lookup, and warns about (and ignores) an lru_cache wrapper.
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _on(name: str, table: torch.Tensor, device) -> torch.Tensor:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    copy = _ON_DEVICE.get((name, device))
+    if copy is None:
+        copy = _ON_DEVICE[(name, device)] = table.to(device)
+    return copy
 
 
 def codebook(device: torch.device | str | None = None) -> torch.Tensor:
     """The 256 sorted fp32 code values (shared, do not modify)."""
-    return _codebook_on(torch.device(device) if device is not None else torch.device("cpu"))
-
-
-@functools.lru_cache(maxsize=None)
-def _thresholds_on(device: torch.device) -> torch.Tensor:
-    # Midpoints between neighbouring codes: exact in float64 (sum of two fp32 values, halved).
-    c = _CODEBOOK.double()
-    return ((c[:-1] + c[1:]) / 2).to(device)
+    return _on("codebook", _CODEBOOK, device)
 
 
 def decision_thresholds(device: torch.device | str | None = None) -> torch.Tensor:
     """The 255 float64 midpoints between neighbouring codes; nearest-code boundaries."""
-    return _thresholds_on(torch.device(device) if device is not None else torch.device("cpu"))
+    return _on("thresholds", _THRESHOLDS, device)
 
 
 # ---------------------------------------------------------------------------------------------

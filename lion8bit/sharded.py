@@ -35,8 +35,13 @@ from . import quant
 _DENSE_KEYS = (mom.MOMENTUM, mom.MOMENTUM_CODES)  # state tensors placed like the param
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(tensor) -> bool:
     """True for a DTensor (every DTensor is stepped through its local tensor)."""
+    if type(tensor) in _PLAIN:  # the common case, without a module lookup (the step asks per tensor)
+        return False
     # No DTensor exists before torch.distributed.tensor is imported, and importing it costs
     # about as much as half of `import torch` (seen: 0.9 s of 2.0 s), so it is not imported here.
     module = sys.modules.get("torch.distributed.tensor")

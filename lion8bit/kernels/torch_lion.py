@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from ..reference import reference_aligned_count, reference_step
+from .. import momentum as mom
 from . import STEP_SCALARS, check_tensors
 
 
@@ -16,6 +17,9 @@ def _with_device_scalars(scalars, step_scalars):
     if step_scalars is None:
         return scalars
     return dataclasses.replace(scalars, **{name: step_scalars[i] for i, name in enumerate(STEP_SCALARS)})
+
+
+_BUFFERS = {"8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX), "bf16": (mom.MOMENTUM,), "fp32": (mom.MOMENTUM,)}
 
 
 def _keys(rounding_keys, index):
@@ -49,7 +53,7 @@ class TorchBackend:
         for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
             before = None
             if skip is not None:
-                before = param.clone(), {key: value.clone() for key, value in momentum.items()}
+                before = param.clone(), {key: momentum[key].clone() for key in _BUFFERS[fmt]}
             reference_step(
                 param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
                 rounding_keys=_keys(rounding_keys, index),
