@@ -1,5 +1,6 @@
 """The memory-budget tool: catalog shapes, byte counts against what optimizers allocate, the CLI."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -119,7 +120,7 @@ MAKERS = {
         key: (lambda kind: lambda params, rules: lion8bit.Lion(
             params, state=kind, min_8bit_size=rules.min_8bit_size, block_size=rules.block_size
         ))(kind)
-        for key, kind in (("lion8bit", "8bit"), ("lion-bf16", "bf16"), ("lion-fp32", "fp32"))
+        for key, kind in (("lion8bit", "8bit"), ("lion8bit-bf16", "bf16"), ("lion8bit-fp32", "fp32"))
     },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -185,7 +186,7 @@ def test_predicted_bytes_equal_allocated(model_name, key, dtype, rules):
     assert row.paged == 0
 
 
-@pytest.mark.parametrize("key", ["adamw", "bnb-adamw8bit", "lion8bit", "lion-bf16"])
+@pytest.mark.parametrize("key", ["adamw", "bnb-adamw8bit", "lion8bit", "lion8bit-bf16"])
 def test_mixed_counts_bf16_model_plus_fp32_master(key):
     """dtype="mixed" is: bf16 weights and grads, fp32 master weights stepped by the optimizer."""
     model = _cnn().to(torch.bfloat16)
@@ -321,8 +322,8 @@ def test_module_function_is_built_on_meta(model_file, form):
 def test_hf_config_without_transformers_says_so(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(budget.CATALOG["gpt2"]))
-    real = budget.importlib.util.find_spec
-    monkeypatch.setattr(budget.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(ValueError, match=r"needs transformers \(pip install 'lion8bit\[hf\]'\)"):
         budget.model_shapes(str(path))
