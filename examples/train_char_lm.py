@@ -3,7 +3,7 @@
 Every optimizer starts from the same initial weights and sees the same batches (per seed), under
 the same warmup + cosine schedule and gradient clipping. Writes PREFIX.csv (train and validation
 loss every --eval-every steps), PREFIX.png (validation-loss curves) and PREFIX.md (the final table:
-validation loss, wall time, optimizer-state bytes, and the check against fp32 Lion).
+validation loss, wall time, optimizer-state bytes, and the check against lion-pytorch).
 
 Data: sudo apt-get install bible-kjv bible-kjv-text   (or --data synthetic for a smoke test)
 
