@@ -16,22 +16,24 @@ The package reads lion8bit's state formats from the spec (``lion8bit.quant``,
 - ``shapes``: parameter shapes of the catalog models
 - ``models``: what ``compare`` accepts as a model (config.json, module:function, ...)
 - ``rules``: training precisions and what each optimizer allocates
-- ``compare``: rows per optimizer, what fits on each GPU
+- ``comparison``: rows per optimizer, what fits on each GPU (``compare``)
 - ``report``: tables, JSON, PNG
 - ``cli``: the console script
 """
 
 from .cli import main
-from .compare import Comparison, Fit, Row, budget_row, compare
+from .comparison import Comparison, Fit, Row, budget_row, compare
 from .models import model_shapes
 from .optimizers import OPTIMIZER_NAMES
 from .rules import DEFAULT_OPTIMIZERS, GIB, OPTIMIZERS, PRECISIONS, OptimizerRule, Precision, Rules
 from .shapes import (
     CATALOG,
     FAMILIES,
+    LAYERS_FIELD,
     ModelShapes,
     ParamShape,
     catalog_model,
+    dense_config,
     dense_transformer,
     describe_config,
     gpt2_shapes,
@@ -40,8 +42,8 @@ from .shapes import (
 )
 
 __all__ = [
-    "CATALOG", "DEFAULT_OPTIMIZERS", "FAMILIES", "GIB", "OPTIMIZERS", "OPTIMIZER_NAMES", "PRECISIONS",
-    "Comparison", "Fit", "ModelShapes", "OptimizerRule", "ParamShape", "Precision", "Row", "Rules",
-    "budget_row", "catalog_model", "compare", "dense_transformer", "describe_config", "gpt2_shapes",
-    "llama_shapes", "main", "model_shapes", "vit_shapes",
+    "CATALOG", "DEFAULT_OPTIMIZERS", "FAMILIES", "GIB", "LAYERS_FIELD", "OPTIMIZERS", "OPTIMIZER_NAMES",
+    "PRECISIONS", "Comparison", "Fit", "ModelShapes", "OptimizerRule", "ParamShape", "Precision", "Row",
+    "Rules", "budget_row", "catalog_model", "compare", "dense_config", "dense_transformer", "describe_config",
+    "gpt2_shapes", "llama_shapes", "main", "model_shapes", "vit_shapes",
 ]

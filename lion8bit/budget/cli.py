@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .compare import compare
+from .activations import CHECKPOINTING
+from .comparison import compare
 from .optimizers import OPTIMIZER_NAMES
 from .rules import DEFAULT_OPTIMIZERS, OPTIMIZERS, PRECISIONS
 from .shapes import CATALOG, catalog_model, describe_config
@@ -39,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     budget = commands.add_parser(
         "budget",
-        help="memory of weights, grads and optimizer state per optimizer; what fits on which GPU",
+        help="memory of weights, grads, optimizer state and activations; what fits on which GPU",
         description="Exact bytes of weights, grads and optimizer state of a model with each "
-        "optimizer, and the largest models that fit on each GPU size. Sizes in GiB (2**30 bytes).",
+        "optimizer, activations measured for one training step (--batch-size, --seq-len), and the "
+        "largest models that fit on each GPU size. Sizes in GiB (2**30 bytes). See docs/budget.md.",
     )
     budget.add_argument("model", nargs="?", metavar="MODEL",
                         help="catalog name (see --list), Hugging Face config.json path, or module:function")
@@ -53,8 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--optimizers", nargs="+", choices=tuple(OPTIMIZERS),
                         default=list(DEFAULT_OPTIMIZERS), metavar="NAME",
                         help="rows to show (default: the 7 marked in --list)")
-    budget.add_argument("--activation-gb", type=float, default=0.0, metavar="GB",
-                        help="GiB to keep free on the GPU for activations (default: 0)")
+    budget.add_argument("--batch-size", type=int, metavar="B",
+                        help="measure the activations of one training step at this batch size")
+    budget.add_argument("--seq-len", type=int, metavar="S",
+                        help="tokens per sequence (token models; image models take their own size)")
+    budget.add_argument("--checkpointing", choices=CHECKPOINTING, default="none",
+                        help="activation checkpointing of every transformer block (default: none)")
+    budget.add_argument("--activation-gb", type=float, metavar="GB",
+                        help="GiB of activations to count instead of measuring them")
     budget.add_argument("--plot", metavar="PNG", help="write a stacked bar chart to this PNG")
     budget.add_argument("--json", action="store_true", help="print JSON (exact bytes) instead of the table")
     return parser
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("budget: give a MODEL, or --list")
     try:
         comparison = compare(
-            args.model, args.dtype, args.optimizers, gpu_gb=args.gpu_gb, activation_gb=args.activation_gb
+            args.model, args.dtype, args.optimizers, gpu_gb=args.gpu_gb, batch_size=args.batch_size,
+            seq_len=args.seq_len, checkpointing=args.checkpointing, activation_gb=args.activation_gb,
         )
         if args.plot:
             comparison.plot(args.plot)

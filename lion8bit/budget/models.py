@@ -6,11 +6,16 @@ A catalog name, a Hugging Face config.json (built by transformers on the meta de
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import json
+import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,7 +31,7 @@ def _module_shapes(module: torch.nn.Module, name: str, description: str) -> Mode
     return ModelShapes(name, params, description)
 
 
-def _hf_config_shapes(path: Path, label: str) -> ModelShapes:
+def _read_config(path: Path, label: str) -> dict:
     if path.is_dir():
         path = path / "config.json"
     try:
@@ -38,43 +43,72 @@ def _hf_config_shapes(path: Path, label: str) -> ModelShapes:
         raise ValueError(f"Invalid model config {label}: not a JSON file ({error})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ValueError(f"Invalid model config {label}: no \"model_type\" (not a Hugging Face config.json)")
+    return config
+
+
+def hf_module(config: Mapping, label: str, purpose: str = "reading a Hugging Face config.json"):
+    """The transformers model of a config.json's fields, built on the meta device (no weights).
+
+    The class is the config's first ``architectures`` entry (``AutoModel`` without one).
+    """
     if importlib.util.find_spec("transformers") is None:
         raise ValueError(
-            f"Invalid model config {label}: reading a Hugging Face config.json needs transformers "
-            "(pip install 'lion8bit[hf]')"
+            f"Invalid model config {label}: {purpose} needs transformers (pip install 'lion8bit[hf]')"
         )
     import transformers
 
     fields = {k: v for k, v in config.items() if k != "model_type"}
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        hf_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
-        architectures = config.get("architectures") or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        with torch.device("meta"):
-            if model_class is not None:
-                module = model_class(hf_config)
-            else:
-                module = transformers.AutoModel.from_config(hf_config)
+        with quiet_transformers():
+            hf_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
+            architectures = config.get("architectures") or []
+            model_class = getattr(transformers, architectures[0], None) if architectures else None
+            with torch.device("meta"):
+                if model_class is not None:
+                    return model_class(hf_config)
+                return transformers.AutoModel.from_config(hf_config)
     except Exception as error:  # transformers raises many kinds; the user needs one line
         raise ValueError(
             f"Invalid model config {label}: transformers could not build it ({type(error).__name__}: {error})"
         ) from None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off (its loggers write to stderr, where errors get one line)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        yield
+        return
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return _module_shapes(module, label, f"{type(module).__name__} from {label}")
 
 
-def _function_shapes(spec: str) -> ModelShapes:
+def _import_file(path: str):
+    # As `python path/file.py` would run it: its directory first on sys.path, so the file can
+    # import its siblings (examples/train_char_lm.py imports examples/_common.py).
+    file_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if file_spec is None or not Path(path).is_file():
+        raise ImportError(f"no file {path}")
+    module = importlib.util.module_from_spec(file_spec)
+    directory = str(Path(path).resolve().parent)
+    sys.path.insert(0, directory)
+    try:
+        file_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(directory)
+    return module
+
+
+def _function_module(spec: str) -> torch.nn.Module:
     module_name, _, function_name = spec.rpartition(":")
     try:
         if module_name.endswith(".py"):
-            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if file_spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no file {module_name}")
-            module = importlib.util.module_from_spec(file_spec)
-            file_spec.loader.exec_module(module)
+            module = _import_file(module_name)
         else:
             module = importlib.import_module(module_name)
     except Exception as error:
@@ -90,7 +124,55 @@ def _function_shapes(spec: str) -> ModelShapes:
         raise ValueError(f"Invalid model: {spec!r} raised {type(error).__name__}: {error}") from None
     if not isinstance(built, torch.nn.Module):
         raise ValueError(f"Invalid model: {spec!r} returned {type(built).__name__}, not an nn.Module")
-    return _module_shapes(built, spec, f"{type(built).__name__} from {spec}")
+    return built
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A model as the budget sees it: its parameter shapes and, when it has one, its module.
+
+    ``module`` is the ``nn.Module`` that activations are measured on (on the meta device,
+    or the caller's own module); ``None`` for bare shapes. A catalog model's module is built by
+    transformers from its config on first use.
+    """
+
+    shapes: ModelShapes
+    build: Callable[[], torch.nn.Module] | None = None
+
+    @functools.cached_property
+    def module(self) -> torch.nn.Module | None:
+        return None if self.build is None else self.build()
+
+
+def _built(module: torch.nn.Module, name: str, description: str) -> Model:
+    return Model(_module_shapes(module, name, description), lambda: module)
+
+
+def resolve_model(model) -> Model:
+    """Resolve what ``compare`` accepts (see :func:`model_shapes`) into shapes and a module."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return _built(model, type(model).__name__, type(model).__name__)
+    if isinstance(model, (str, Path)):
+        text = str(model)
+        if text.lower() in CATALOG:
+            name = text.lower()
+            return Model(catalog_model(name), functools.partial(
+                hf_module, CATALOG[name], name, "measuring the activations of a catalog model"
+            ))
+        path = Path(text)
+        if path.exists() or text.endswith(".json"):
+            module = hf_module(_read_config(path, text), text)
+            return _built(module, text, f"{type(module).__name__} from {text}")
+        if ":" in text and not text.startswith(":") and not text.endswith(":"):
+            module = _function_module(text)
+            return _built(module, text, f"{type(module).__name__} from {text}")
+        raise ValueError(
+            f"Invalid model: {text!r} (not a catalog model, a config.json path or module:function; "
+            "see lion8bit budget --list)"
+        )
+    return Model(_shapes_of(model))
 
 
 def model_shapes(model) -> ModelShapes:
@@ -99,25 +181,15 @@ def model_shapes(model) -> ModelShapes:
     ``model``: a catalog name (``CATALOG``), a Hugging Face config.json path (or a directory
     holding one; needs transformers, built on the meta device), ``"module:function"`` or
     ``"path/file.py:function"`` returning an ``nn.Module`` (called on the meta device), an
-    ``nn.Module``, a ``ModelShapes``, a mapping name -> shape, or an iterable of shapes / tensors.
+    ``nn.Module``, a ``ModelShapes``, a mapping name -> shape, or an iterable of shapes / tensors
+    (or a resolved ``Model``).
     """
+    return resolve_model(model).shapes
+
+
+def _shapes_of(model) -> ModelShapes:
     if isinstance(model, ModelShapes):
         return model
-    if isinstance(model, torch.nn.Module):
-        return _module_shapes(model, type(model).__name__, type(model).__name__)
-    if isinstance(model, (str, Path)):
-        text = str(model)
-        if text.lower() in CATALOG:
-            return catalog_model(text.lower())
-        path = Path(text)
-        if path.exists() or text.endswith(".json"):
-            return _hf_config_shapes(path, text)
-        if ":" in text and not text.startswith(":") and not text.endswith(":"):
-            return _function_shapes(text)
-        raise ValueError(
-            f"Invalid model: {text!r} (not a catalog model, a config.json path or module:function; "
-            "see lion8bit budget --list)"
-        )
     if isinstance(model, Mapping):
         items = list(model.items())
     elif isinstance(model, Iterable):

@@ -146,6 +146,9 @@ FAMILIES: dict[str, Callable[[Mapping], list[ParamShape]]] = {
     "mistral": llama_shapes,
     "vit": vit_shapes,
 }
+# model_type -> the config field holding the number of (identical) transformer blocks
+LAYERS_FIELD = {"gpt2": "n_layer", "llama": "num_hidden_layers", "mistral": "num_hidden_layers",
+                "vit": "num_hidden_layers"}
 
 
 def _gpt2(d, layers, heads):
@@ -153,11 +156,12 @@ def _gpt2(d, layers, heads):
                 n_positions=1024, n_embd=d, n_layer=layers, n_head=heads)
 
 
-def _llama(d, inner, layers, heads, kv_heads, vocab=32000, model_type="llama"):
+def _llama(d, inner, layers, heads, kv_heads, vocab=32000, context=4096, model_type="llama", **more):
     architecture = "MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"
     return dict(architectures=[architecture], model_type=model_type, vocab_size=vocab,
                 hidden_size=d, intermediate_size=inner, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False)
+                num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
+                max_position_embeddings=context, **more)
 
 
 def _vit(d, inner, layers, heads, patch):
@@ -176,8 +180,9 @@ CATALOG: dict[str, dict] = {
     "llama-2-7b": _llama(4096, 11008, 32, 32, 32),  # meta-llama/Llama-2-7b-hf
     "llama-2-13b": _llama(5120, 13824, 40, 40, 40),  # meta-llama/Llama-2-13b-hf
     "llama-2-70b": _llama(8192, 28672, 80, 64, 8),  # meta-llama/Llama-2-70b-hf
-    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256),  # meta-llama/Meta-Llama-3-8B
-    "mistral-7b": _llama(4096, 14336, 32, 32, 8, model_type="mistral"),  # mistralai/Mistral-7B-v0.1
+    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, context=8192),  # meta-llama/Meta-Llama-3-8B
+    "mistral-7b": _llama(4096, 14336, 32, 32, 8, context=32768, model_type="mistral",
+                         sliding_window=4096),  # mistralai/Mistral-7B-v0.1
     "vit-b-16": _vit(768, 3072, 12, 12, 16),  # google/vit-base-patch16-224
     "vit-l-16": _vit(1024, 4096, 24, 16, 16),  # google/vit-large-patch16-224
     "vit-h-14": _vit(1280, 5120, 32, 16, 14),  # google/vit-huge-patch14-224-in21k, 1000-class head
@@ -208,17 +213,22 @@ def catalog_model(name: str) -> ModelShapes:
     return ModelShapes(name, tuple(FAMILIES[config["model_type"]](config)), describe_config(config))
 
 
-@functools.lru_cache(maxsize=None)
-def dense_transformer(layers: int) -> ModelShapes:
-    """A dense decoder of the Llama-2 shape at a given depth: the "largest dense transformer".
+def dense_config(layers: int) -> dict:
+    """The config.json fields of a dense decoder of the Llama-2 shape at a given depth.
 
     d_model = 128 * layers with 128-wide heads, the SwiGLU width of Llama-2's rule (8/3 d_model
-    rounded up to a multiple of 256), vocab 32000, untied head: 32 layers is exactly Llama-2-7B,
-    40 layers Llama-2-13B.
+    rounded up to a multiple of 256), vocab 32000, untied head, Llama-2's 4096-token context:
+    32 layers is exactly Llama-2-7B, 40 layers Llama-2-13B.
     """
     d = 128 * layers
     inner = 256 * -(-(8 * d // 3) // 256)
-    config = _llama(d, inner, layers, layers, layers)
+    return _llama(d, inner, layers, layers, layers)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_transformer(layers: int) -> ModelShapes:
+    """The parameter shapes of ``dense_config(layers)``: the "largest dense transformer"."""
+    config = dense_config(layers)
     return ModelShapes(f"dense-{layers}", tuple(llama_shapes(config)), describe_config(config))
 
 
