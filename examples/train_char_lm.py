@@ -3,7 +3,7 @@
 Every optimizer starts from the same initial weights and sees the same batches (per seed), under
 the same warmup + cosine schedule and gradient clipping. Writes PREFIX.csv (train and validation
 loss every --eval-every steps), PREFIX.png (validation-loss curves) and PREFIX.md (the final table:
-validation loss, wall time, optimizer-state bytes, and the check against fp32 Lion).
+validation loss, wall time, optimizer-state bytes, and the check against lion-pytorch).
 
 Data: sudo apt-get install bible-kjv bible-kjv-text   (or --data synthetic for a smoke test)
 
@@ -64,7 +64,7 @@ class CharGPT(nn.Module):
         return self.head(self.ln(self.blocks(self.token(idx) + self.position(positions))))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a CI smoke run: small model, few steps, one seed (data: auto)")
     parser.add_argument(
@@ -85,11 +85,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation (default: %(default)s)")
     common.add_optimizer_arguments(parser, lion_lr=3e-3, lion_wd=0.3, adamw_lr=1e-2, adamw_wd=0.1)
     common.add_output_arguments(parser, "char_lm")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     return args
+
+
+# Distinct characters of the King James Bible text as load_kjv() gives it (encode(load_kjv()) on
+# Debian's bible-kjv-text): the vocabulary of the README's runs.
+KJV_VOCAB = 63
+
+
+def budget_model() -> CharGPT:
+    """The model of the README's runs (this script's defaults), for the memory budget:
+
+        lion8bit budget examples/train_char_lm.py:budget_model --batch-size 32 --seq-len 64
+    """
+    parser = build_parser()
+    return CharGPT(KJV_VOCAB, *(parser.get_default(name) for name in ("context", "dim", "layers", "heads")))
 
 
 def encode(text: str) -> tuple[torch.Tensor, list[str]]:

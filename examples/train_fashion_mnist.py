@@ -3,7 +3,7 @@
 Every optimizer starts from the same initial weights and sees the same batches (per seed), under
 the same warmup + cosine schedule and gradient clipping. Writes PREFIX.csv (train loss, test loss
 and test accuracy every --eval-every steps), PREFIX.png (test-accuracy curves) and PREFIX.md (the
-final table: test accuracy, wall time, optimizer-state bytes, and the check against fp32 Lion).
+final table: test accuracy, wall time, optimizer-state bytes, and the check against lion-pytorch).
 
 Data: sudo apt-get install dataset-fashion-mnist   (or --data synthetic for a smoke test)
 
