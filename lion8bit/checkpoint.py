@@ -131,6 +131,8 @@ def checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty: Ca
     if unknown:
         raise ValueError(f"{label}: unknown state keys {sorted(unknown)}")
     checked = {mom.STEP: _checked_step(entry, label)}
+    if group["capturable"]:  # the step counter lives on the device
+        checked[mom.STEP] = torch.tensor(checked[mom.STEP], dtype=torch.int64, device=sharded.local(param).device)
     fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
     sharded.check_momentum(entry, param, fmt, group["block_size"], label)
     for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):

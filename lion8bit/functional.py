@@ -24,7 +24,14 @@ from torch.autograd.graph import increment_version
 
 from . import kernels
 from . import momentum as mom
-from .reference import LionScalars, cautious_step_sizes, rounding_keys
+from .reference import (
+    LionScalars,
+    cautious_step_sizes,
+    device_step_scalars,
+    rounding_key_bases,
+    rounding_keys,
+    rounding_keys_on_device,
+)
 
 # The momentum buffers of each format, as backends receive them.
 BUFFER_KEYS = {
@@ -55,6 +62,21 @@ class _Staging:
             tensor.copy_(dense)
 
 
+# (device, seeds) -> int64 [n, 2] rounding_key_bases: made once, so a captured step copies nothing
+# from the host.
+_KEY_BASES: dict[tuple, torch.Tensor] = {}
+
+
+def _key_bases(seeds: list[int], device: torch.device) -> torch.Tensor:
+    key = (device, tuple(seeds))
+    bases = _KEY_BASES.get(key)
+    if bases is None:
+        if len(_KEY_BASES) > 256:
+            _KEY_BASES.clear()
+        bases = _KEY_BASES[key] = torch.tensor([rounding_key_bases(s) for s in seeds], dtype=torch.int64, device=device)
+    return bases
+
+
 def lion(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -69,6 +91,7 @@ def lion(
     reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     skip: torch.Tensor | None = None,
     element_offsets: list[int] | None = None,
+    capturable: bool = False,
 ) -> None:
     """One Lion step for tensors on one device that share a group's options.
 
@@ -79,6 +102,9 @@ def lion(
     parameters' sizes (default: the tensors' own). ``skip`` (a bool 0-dim tensor) leaves
     everything unchanged when true. ``element_offsets``: where each tensor starts in the whole
     parameter's flat elements (a shard's place; default 0), for stochastic rounding's bits.
+    ``capturable``: every value the step reads lives on the params' device — the scalars (a
+    tensor lr is read there), the step counters (0-dim int64 tensors in the entries) and the
+    rounding keys made from them — so the step can be captured in a CUDA graph and replayed.
     """
     if not params:
         return
@@ -103,6 +129,8 @@ def lion(
     if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats) for key in BUFFER_KEYS[fmt]):
         momenta = [{key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)]
     common = dict(scalars=scalars, block_size=block_size)
+    if capturable or isinstance(scalars.lr, torch.Tensor):
+        common["step_scalars"] = device_step_scalars(scalars, device)
 
     cautious_steps = None
     if scalars.cautious:
@@ -115,7 +143,10 @@ def lion(
             for count, size in zip(counts, sizes)
         ]
     keys = None
-    if stochastic_rounding:
+    if stochastic_rounding and capturable:
+        steps = torch.stack([entry[mom.STEP] for entry in entries])
+        keys = rounding_keys_on_device(_key_bases([entry[mom.SR_SEED] for entry in entries], device), steps)
+    elif stochastic_rounding:
         keys = [rounding_keys(entry[mom.SR_SEED], entry[mom.STEP]) for entry in entries]
     implementation.lion_step(
         local_params, local_grads, momenta, formats, **common,

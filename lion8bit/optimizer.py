@@ -99,6 +99,11 @@ class Lion(Optimizer):
             step for those groups (params and momentum unchanged) and count it in each param's
             ``nonfinite_skips``; decided on the device, without a host synchronisation per
             parameter (one all-reduce of the flag per step for sharded params).
+        capturable: everything a step reads stays on the params' device — a tensor lr (and
+            the scalars made from it), the step counters (int64 0-dim tensors in the state), the
+            stochastic-rounding keys — so the step can be captured in a CUDA graph and replayed
+            (torch's name and meaning). Give lr as a tensor on the device to change it between
+            replays (LR schedulers fill it in place).
 
     DTensor params (FSDP2's ``fully_shard``, placed with Shard / Replicate) are stepped through
     their local shards, with state for the local shard only; see :mod:`lion8bit.sharded`.
@@ -126,6 +131,7 @@ class Lion(Optimizer):
         backend: str = "auto",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         use_triton: bool | None = None,
         cautious_wd: bool | None = None,
         optim_bits: int | None = None,
@@ -154,6 +160,7 @@ class Lion(Optimizer):
             stochastic_rounding=stochastic_rounding,
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
+            capturable=capturable,
             **compat,
         )
         check_group_options(defaults)
@@ -237,6 +244,11 @@ class Lion(Optimizer):
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
             entry[mom.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
+        step = entry[mom.STEP]
+        if group["capturable"] and not isinstance(step, torch.Tensor):
+            entry[mom.STEP] = torch.tensor(step, dtype=torch.int64, device=sharded.local(param).device)
+        elif not group["capturable"] and isinstance(step, torch.Tensor):
+            entry[mom.STEP] = int(step)  # capturable was turned off: read once
         return entry
 
     @staticmethod
@@ -269,9 +281,10 @@ class Lion(Optimizer):
             buckets: dict[torch.device, _Bucket] = defaultdict(_Bucket)
             skip_counters = []
             block_size, kind, min_8bit_size = group["block_size"], group["state"], group["min_8bit_size"]
+            needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
             for index, param, entry in params:
                 fmt = mom.momentum_format(param.numel(), kind, min_8bit_size)
-                if not entry or mom.stored_format(entry) != fmt or group["stochastic_rounding"] or group["skip_nonfinite"]:
+                if not entry or mom.stored_format(entry) != fmt or needs_prepare:
                     fresh = not entry
                     entry = self._prepare(param, group, index, fmt)
                     if not (fresh and _lr_is_zero(group["lr"])):
@@ -307,6 +320,7 @@ class Lion(Optimizer):
                         numels=[param.numel() for param in part.params],
                         reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
                         skip=skip if group["skip_nonfinite"] else None,
+                        capturable=group["capturable"],
                     )
             for counter in skip_counters:
                 counter.add_(skip.to(counter.device, non_blocking=True))
