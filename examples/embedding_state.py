@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 import torch.nn.functional as F
-
-import _common as common
-import lion8bit
 import train_char_lm as char_lm
+
+import lion8bit
 
 ARMS = ("8bit", "fp32-embeddings", "fp32")
 REFERENCE = "fp32"
@@ -41,14 +41,28 @@ FIELDS = ["tokens", "data", "arm", "seed", "step", "lr", "train_loss", "val_loss
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """(this script's options, train_char_lm.py's defaults with --quick if asked)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="train_char_lm.py's --quick settings, one seed (data: auto)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="train_char_lm.py's --quick settings, one seed (data: auto)"
+    )
     parser.add_argument("--tokens", choices=("chars", "words"), default="chars", help="default: %(default)s")
-    parser.add_argument("--data", choices=("kjv", "synthetic", "auto"), default=None,
-                        help="as train_char_lm.py (default: kjv; auto under --quick)")
-    parser.add_argument("--seeds", type=common.parse_seeds, default=None, help="default: 0,1,2 (0 under --quick)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output prefix (default: examples/results/embedding_state[_words][_quick])")
+    parser.add_argument(
+        "--data",
+        choices=("kjv", "synthetic", "auto"),
+        default=None,
+        help="as train_char_lm.py (default: kjv; auto under --quick)",
+    )
+    parser.add_argument(
+        "--seeds", type=common.parse_seeds, default=None, help="default: 0,1,2 (0 under --quick)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output prefix (default: examples/results/embedding_state[_words][_quick])",
+    )
     args = parser.parse_args(argv)
     base = char_lm.parse_args(["--optimizers", "lion8bit", *(["--quick"] if args.quick else [])])
     if args.data is not None:
@@ -56,7 +70,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     if args.seeds is not None:
         base.seeds = args.seeds
     if args.out is None:
-        name = "embedding_state" + ("_words" if args.tokens == "words" else "") + ("_quick" if args.quick else "")
+        name = (
+            "embedding_state"
+            + ("_words" if args.tokens == "words" else "")
+            + ("_quick" if args.quick else "")
+        )
         args.out = common.RESULTS_DIR / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
     return args, base
@@ -73,8 +91,11 @@ def encode_words(text: str) -> tuple[torch.Tensor, list[str]]:
 def make_optimizer(arm: str, model: torch.nn.Module, base: argparse.Namespace) -> torch.optim.Optimizer:
     options = dict(lr=base.lion_lr, betas=(base.beta1, base.beta2))
     if arm == "fp32":
-        return lion8bit.Lion(lion8bit.param_groups(model, weight_decay=base.lion_wd, embedding_state=None),
-                             state="fp32", **options)
+        return lion8bit.Lion(
+            lion8bit.param_groups(model, weight_decay=base.lion_wd, embedding_state=None),
+            state="fp32",
+            **options,
+        )
     embedding_state = {"8bit": "8bit", "fp32-embeddings": "fp32"}[arm]
     groups = lion8bit.param_groups(model, weight_decay=base.lion_wd, embedding_state=embedding_state)
     return lion8bit.Lion8bit(groups, **options)
@@ -95,16 +116,17 @@ def report_table(finals: dict[str, dict[int, dict]], digits: int = 4) -> str:
         "| Δ vs 8bit (per seed) | embedding state | all state | wall time / run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def paired(arm: str, other: str) -> str:
+        if arm == other or other not in finals:
+            return "–"
+        deltas = [finals[arm][s]["val_loss"] - finals[other][s]["val_loss"] for s in sorted(finals[arm])]
+        per_seed = ", ".join(f"{d:+.{digits}f}" for d in deltas)
+        return f"{statistics.fmean(deltas):+.{digits}f} ({per_seed})"
+
     for arm, by_seed in finals.items():
         seeds = sorted(by_seed)
         mean, std = common.mean_std([by_seed[s]["val_loss"] for s in seeds])
-
-        def paired(other: str) -> str:
-            if arm == other or other not in finals:
-                return "–"
-            deltas = [by_seed[s]["val_loss"] - finals[other][s]["val_loss"] for s in seeds if s in finals[other]]
-            per_seed = ", ".join(f"{d:+.{digits}f}" for d in deltas)
-            return f"{statistics.fmean(deltas):+.{digits}f} ({per_seed})"
 
         check = "–"
         if arm != REFERENCE:
@@ -112,18 +134,29 @@ def report_table(finals: dict[str, dict[int, dict]], digits: int = 4) -> str:
             check = f"{'pass' if abs(delta) <= bound else 'FAIL'} (bound {bound:.{digits}f})"
         first = by_seed[seeds[0]]
         seconds = statistics.fmean(by_seed[s]["seconds"] for s in seeds)
-        lines.append(
-            f"| {arm} | {len(seeds)} | {mean:.{digits}f} ± {std:.{digits}f} | {paired(REFERENCE)} | {check} "
-            f"| {paired('8bit')} | {first['embedding_bytes'] / 1e3:.1f} kB | {first['state_bytes'] / 1e3:.1f} kB "
-            f"| {seconds:.1f} s |"
-        )
+        cells = [
+            arm,
+            str(len(seeds)),
+            f"{mean:.{digits}f} ± {std:.{digits}f}",
+            paired(arm, REFERENCE),
+            check,
+            paired(arm, "8bit"),
+            f"{first['embedding_bytes'] / 1e3:.1f} kB",
+            f"{first['state_bytes'] / 1e3:.1f} kB",
+            f"{seconds:.1f} s",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args, base = parse_args(argv)
     data_name, text, label = common.load_data(
-        base.data, "kjv", common.kjv_available, common.load_kjv, common.synthetic_text,
+        base.data,
+        "kjv",
+        common.kjv_available,
+        common.load_kjv,
+        common.synthetic_text,
         "King James Bible (Debian bible-kjv-text)",
     )
     data, vocab = char_lm.encode(text) if args.tokens == "chars" else encode_words(text)
@@ -131,8 +164,11 @@ def main(argv=None) -> None:
     train, val = data[:split], data[split:]
     val_gen = torch.Generator().manual_seed(12345)
     val_batches = [
-        char_lm.windows(val, torch.randint(len(val) - base.context - 1, (base.batch_size,), generator=val_gen),
-                        base.context)
+        char_lm.windows(
+            val,
+            torch.randint(len(val) - base.context - 1, (base.batch_size,), generator=val_gen),
+            base.context,
+        )
         for _ in range(base.eval_batches)
     ]
     counts = torch.bincount(train, minlength=len(vocab))
@@ -150,8 +186,18 @@ def main(argv=None) -> None:
             schedule = common.warmup_cosine(optimizer, base.warmup, base.steps)
             batch_gen = torch.Generator().manual_seed(seed)
             val_loss = char_lm.evaluate(model, val_batches)
-            rows.append(dict(tokens=args.tokens, data=data_name, arm=arm, seed=seed, step=0, lr="", train_loss="",
-                             val_loss=val_loss))
+            rows.append(
+                dict(
+                    tokens=args.tokens,
+                    data=data_name,
+                    arm=arm,
+                    seed=seed,
+                    step=0,
+                    lr="",
+                    train_loss="",
+                    val_loss=val_loss,
+                )
+            )
             train_losses, seconds = [], 0.0
             bar.set_postfix_str(f"seed {seed} {arm}")
             for step in range(1, base.steps + 1):
@@ -165,8 +211,18 @@ def main(argv=None) -> None:
                 bar.update()
                 if step % base.eval_every == 0 or step == base.steps:
                     val_loss = char_lm.evaluate(model, val_batches)
-                    rows.append(dict(tokens=args.tokens, data=data_name, arm=arm, seed=seed, step=step, lr=lr,
-                                     train_loss=statistics.fmean(train_losses), val_loss=val_loss))
+                    rows.append(
+                        dict(
+                            tokens=args.tokens,
+                            data=data_name,
+                            arm=arm,
+                            seed=seed,
+                            step=step,
+                            lr=lr,
+                            train_loss=statistics.fmean(train_losses),
+                            val_loss=val_loss,
+                        )
+                    )
                     train_losses = []
                     bar.set_postfix_str(f"seed {seed} {arm} val {val_loss:.3f}")
             finals.setdefault(arm, {})[seed] = dict(
@@ -181,20 +237,23 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in model.parameters())
     embedding = model.token.weight.numel() + model.position.weight.numel()
     command = " ".join(["python", "examples/embedding_state.py", *(sys.argv[1:] if argv is None else argv)])
-    report = "\n".join([
-        f"Data: {label}, {args.tokens} as tokens: {len(vocab):,} in the vocabulary, {rare:,} of them seen fewer "
-        f"than 10 times in the {len(train):,} training tokens. Model: train_char_lm.py's CharGPT, {base.layers} "
-        f"layers, d={base.dim}, context {base.context}, {params:,} params of which {embedding:,} in the two "
-        f"embeddings; {base.steps} steps of {base.batch_size} sequences; Lion lr {base.lion_lr:g} (warmup "
-        f"{base.warmup} + cosine), weight decay {base.lion_wd:g}, betas ({base.beta1:g}, {base.beta2:g}), grad "
-        f"clip {base.grad_clip:g}; seeds {base.seeds}. Δ: mean of the paired differences (same init, same "
-        f"batches); σ: the fp32 policy's sample standard deviation over seeds.",
-        f"Command: `{command}`",
-        f"Machine: {common.environment_line()}",
-        "",
-        report_table(finals),
-        "",
-    ])
+    report = "\n".join(
+        [
+            f"Data: {label}, {args.tokens} as tokens: {len(vocab):,} in the vocabulary, {rare:,} of "
+            f"them seen fewer than 10 times in the {len(train):,} training tokens. Model: "
+            f"train_char_lm.py's CharGPT, {base.layers} layers, d={base.dim}, context {base.context}, "
+            f"{params:,} params of which {embedding:,} in the two embeddings; {base.steps} steps of "
+            f"{base.batch_size} sequences; Lion lr {base.lion_lr:g} (warmup {base.warmup} + cosine), "
+            f"weight decay {base.lion_wd:g}, betas ({base.beta1:g}, {base.beta2:g}), grad clip "
+            f"{base.grad_clip:g}; seeds {base.seeds}. Δ: mean of the paired differences (same init, "
+            "same batches); σ: the fp32 policy's sample standard deviation over seeds.",
+            f"Command: `{command}`",
+            f"Machine: {common.environment_line()}",
+            "",
+            report_table(finals),
+            "",
+        ]
+    )
     args.out.with_suffix(".md").write_text(report)
     print(report)
     print(f"wrote {args.out}.csv, {args.out}.md")

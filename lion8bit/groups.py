@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from .momentum import STATE_KINDS
@@ -40,14 +39,21 @@ def param_groups(
     for embeddings, ``"state"``; every other option (lr, betas, ...) comes from the optimizer's
     arguments. Groups that would be empty are omitted; the order is the one above.
     """
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
-        math.isfinite(weight_decay) and weight_decay >= 0.0
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not (math.isfinite(weight_decay) and weight_decay >= 0.0)
     ):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if embedding_state is not None and embedding_state not in STATE_KINDS:
-        raise ValueError(f"Invalid embedding_state: {embedding_state!r} (expected one of {STATE_KINDS} or None)")
+        raise ValueError(
+            f"Invalid embedding_state: {embedding_state!r} (expected one of {STATE_KINDS} or None)"
+        )
     embedding_params = {
-        param for module in model.modules() if isinstance(module, EMBEDDING_TYPES) for param in module.parameters()
+        param
+        for module in model.modules()
+        if isinstance(module, EMBEDDING_TYPES)
+        for param in module.parameters()
     }
     groups: dict[str, dict] = {
         "decay": {"weight_decay": float(weight_decay)},
