@@ -494,49 +494,81 @@ def test_accelerate_fsdp2_prepare_steps_shards_bit_identically_to_unsharded(tmp_
 # -- Lightning ----------------------------------------------------------------------------------
 
 
-def test_lightning_fit_checkpoint_and_resume_are_bit_identical(tmp_path):
+@pytest.fixture
+def lightning_run(tmp_path):
+    """(LitGPT class, run(module, root, callbacks=..., ckpt_path=...) -> Trainer); each LitGPT
+    records the first token of every batch it trains on."""
     L = pytest.importorskip("lightning", reason="lightning is not installed (pip install lightning)")
 
     class LitGPT(L.LightningModule):
         def __init__(self):
             super().__init__()
             self.model = tiny_gpt2(dropout=0.0)
+            self.seen = []
 
         def training_step(self, batch, batch_idx):
+            self.seen.append(int(batch["input_ids"][0, 0]))
             return self.model(**batch).loss
 
         def configure_optimizers(self):
             groups = lion8bit.param_groups(self, weight_decay=1.0)
             return lion8bit.Lion8bit(groups, lr=1e-3, betas=(0.9, 0.99))
 
-    def trainer(root, epochs, **options):
-        return L.Trainer(
-            max_epochs=epochs,
+    def run(module, root, *, callbacks=(), ckpt_path=None):
+        trainer = L.Trainer(
+            max_epochs=2,
             accelerator="cpu",
             devices=1,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            default_root_dir=str(root),
-            **options,
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            default_root_dir=str(tmp_path / root),
         )
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+        return trainer
 
+    return LitGPT, run
+
+
+def test_lightning_fit_checkpoint_and_resume_are_bit_identical(lightning_run, tmp_path):
+    import lightning as L
+
+    LitGPT, run = lightning_run
     straight = LitGPT()
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}"
     )
-    trainer(tmp_path / "a", 2, callbacks=[checkpoints]).fit(straight, loader())
+    run(straight, "a", callbacks=[checkpoints])
     first_epoch = tmp_path / "ckpt" / "epoch=0.ckpt"
     assert first_epoch.exists()
 
     resumed = LitGPT()
-    run = trainer(tmp_path / "b", 2, enable_checkpointing=False)
-    run.fit(resumed, loader(), ckpt_path=str(first_epoch))
-    assert run.global_step == 8
+    trainer = run(resumed, "b", ckpt_path=str(first_epoch))
+    assert trainer.global_step == 8 and resumed.seen == straight.seen[4:]
     assert not differing(straight.state_dict(), resumed.state_dict())
     assert not differing(optimizer_state(straight.optimizers()), optimizer_state(resumed.optimizers()))
     assert differing(LitGPT().state_dict(), resumed.state_dict())  # it trained at all
-    assert isinstance(run.optimizers[0], lion8bit.Lion8bit)
+    assert isinstance(trainer.optimizers[0], lion8bit.Lion8bit)
+
+
+def test_lightning_mid_epoch_resume_restarts_the_loader(lightning_run, tmp_path):
+    """What docs/trainers.md warns about: from a checkpoint inside an epoch, Lightning (2.6, a
+    plain DataLoader) feeds the epoch's first batches again, so the run is not the uninterrupted one."""
+    import lightning as L
+
+    LitGPT, run = lightning_run
+    straight = LitGPT()
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_train_steps=2, filename="{step}"
+    )
+    run(straight, "a", callbacks=[checkpoints])
+    resumed = LitGPT()
+    trainer = run(resumed, "b", ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    first_batches = straight.seen[:2]
+    assert trainer.global_step == 8 and resumed.seen == first_batches + straight.seen[4:]
+    assert differing(straight.state_dict(), resumed.state_dict())
 
 
 # -- the recipes of docs/trainers.md, as written ------------------------------------------------
