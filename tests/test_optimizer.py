@@ -17,7 +17,7 @@ def param(*shape, dtype=torch.float32):
 
 
 def test_public_api():
-    assert lion8bit.__all__ == ["Lion", "Lion8bit", "PagedLion8bit"]
+    assert lion8bit.__all__ == ["Lion", "Lion8bit", "PagedLion8bit", "param_groups"]
     assert issubclass(Lion8bit, torch.optim.Optimizer)
 
 
