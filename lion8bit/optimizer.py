@@ -31,40 +31,30 @@ def _lr_is_zero(lr) -> bool:
     return float(lr) == 0.0
 
 
-def _grad_fits(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    """The common case of :meth:`Lion._check_grad`: a dense grad like the param."""
-    return (
-        (grad.dtype is param.dtype or grad.dtype is torch.float32)
-        and grad.shape == param.shape
-        and grad.device == param.device
-        and not grad.is_sparse
-        and ((type(grad) in _PLAIN and type(param) in _PLAIN) or sharded.same_layout(grad, param))
-    )
-
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class _Bucket:
-    """The params of one group on one device, with their local views and state entries."""
+    """The params of one group on one device, with their local views, grads, entries, formats."""
 
-    def __init__(self):
-        self.params, self.local_params, self.grads, self.entries, self.formats = [], [], [], [], []
-
-    def add(self, param, local_param, grad, entry, fmt) -> None:
-        self.params.append(param)
-        self.local_params.append(local_param)
-        self.grads.append(grad)
-        self.entries.append(entry)
-        self.formats.append(fmt)
+    def __init__(self, params, local_params, grads, entries, formats):
+        self.params, self.local_params, self.grads, self.entries, self.formats = (
+            params, local_params, grads, entries, formats
+        )
 
     def singles(self) -> list["_Bucket"]:
         """One bucket per tensor, in order."""
-        parts = []
-        for row in zip(self.params, self.local_params, self.grads, self.entries, self.formats):
-            parts.append(_Bucket())
-            parts[-1].add(*row)
-        return parts
+        rows = zip(self.params, self.local_params, self.grads, self.entries, self.formats, strict=True)
+        return [_Bucket(*([value] for value in row)) for row in rows]
+
+
+def _holds(entry: dict, fmt: str) -> bool:
+    """Whether a state entry's momentum is stored in ``fmt`` (mom.stored_format, inlined for the
+    step's per-param loop)."""
+    if fmt == "8bit":
+        return mom.MOMENTUM_CODES in entry
+    momentum = entry.get(mom.MOMENTUM)
+    return momentum is not None and (momentum.dtype is torch.bfloat16) == (fmt == "bf16")
 
 
 class Lion(Optimizer):
@@ -278,13 +268,13 @@ class Lion(Optimizer):
         collected = self._collect()  # every check first: an error leaves the optimizer unchanged
         skip = self._nonfinite_flag(collected)
         for group, params in collected:
-            buckets: dict[torch.device, _Bucket] = defaultdict(_Bucket)
+            rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
             skip_counters = []
             block_size, kind, min_8bit_size = group["block_size"], group["state"], group["min_8bit_size"]
             needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
-            for index, param, entry in params:
-                fmt = mom.momentum_format(param.numel(), kind, min_8bit_size)
-                if not entry or mom.stored_format(entry) != fmt or needs_prepare:
+            for index, param, grad, entry, device in params:
+                fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
+                if needs_prepare or not entry or not _holds(entry, fmt):
                     fresh = not entry
                     entry = self._prepare(param, group, index, fmt)
                     if not (fresh and _lr_is_zero(group["lr"])):
@@ -293,14 +283,14 @@ class Lion(Optimizer):
                         skip_counters.append(entry[mom.NONFINITE_SKIPS])
                 else:
                     entry[mom.STEP] += 1
-                if sharded.is_sharded(param):
-                    local_param = sharded.local(param)
-                    bucket = buckets[local_param.device]
-                    bucket.add(param, local_param, sharded.local(param.grad), sharded.local_entry(param, entry, block_size), fmt)
+                if type(param) in _PLAIN:
+                    rows[device].append((param, param, grad, entry, fmt))
                 else:
-                    buckets[param.device].add(param, param, param.grad, entry, fmt)
+                    local_entry = sharded.local_entry(param, entry, block_size)
+                    rows[device].append((param, sharded.local(param), sharded.local(grad), local_entry, fmt))
+            buckets = [_Bucket(*map(list, zip(*device_rows, strict=True))) for device_rows in rows.values()]
             scalars = lion_scalars(group)
-            for bucket in buckets.values():
+            for bucket in buckets:
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
                 # current stream) just before its own update, so only the tensor being updated
                 # has to fit on the GPU, as with bitsandbytes.
@@ -317,7 +307,7 @@ class Lion(Optimizer):
                         block_size=group["block_size"],
                         stochastic_rounding=group["stochastic_rounding"],
                         backend=group["backend"],
-                        numels=[param.numel() for param in part.params],
+                        numels=[param.numel() for param in part.params] if scalars.cautious else None,
                         reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
                         skip=skip if group["skip_nonfinite"] else None,
                         capturable=group["capturable"],
@@ -327,9 +317,9 @@ class Lion(Optimizer):
             self._block_sizes[id(group)] = group["block_size"]
         return loss
 
-    def _collect(self) -> list[tuple[dict, list[tuple[int, torch.Tensor, dict | None]]]]:
-        """Per group, its params with a grad as (index among all params, param, state entry or
-        None).
+    def _collect(self) -> list[tuple[dict, list[tuple]]]:
+        """Per group, its params with a grad as (index among all params, param, grad, state
+        entry or None, the device of its local tensor).
 
         Checks everything a step could fail on before the step changes anything: the grads,
         the backend and the device it runs on, the existing state's layout. The common case
@@ -348,7 +338,14 @@ class Lion(Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
-                if not _grad_fits(param, grad):
+                # _grad_fits, inlined: the common case costs a few comparisons per param
+                if not (
+                    (grad.dtype is param.dtype or grad.dtype is torch.float32)
+                    and grad.shape == param.shape
+                    and grad.device == param.device
+                    and not grad.is_sparse
+                    and ((type(grad) in _PLAIN and type(param) in _PLAIN) or sharded.same_layout(grad, param))
+                ):
                     self._check_grad(param, grad, param_label(group_index, position, group, param))
                 device = param.device if type(param) in _PLAIN else sharded.local(param).device
                 if device not in checked_devices:
@@ -360,7 +357,7 @@ class Lion(Optimizer):
                 entry = state.get(param)
                 if check_blocks and entry and mom.MOMENTUM_ABSMAX in entry:
                     self._check_state_fits(param, entry, group, lambda: param_label(group_index, position, group, param))
-                params.append((index, param, entry))
+                params.append((index, param, grad, entry, device))
             if params:
                 collected.append((group, params))
         return collected
@@ -373,7 +370,7 @@ class Lion(Optimizer):
         params the flag is OR-ed over their meshes (a rank seeing a NaN in its shard makes every
         rank skip).
         """
-        params = [p for group, items in collected if group["skip_nonfinite"] for _, p, _ in items]
+        params = [item[1] for group, items in collected if group["skip_nonfinite"] for item in items]
         if not params:
             return None
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
