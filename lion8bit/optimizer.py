@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, kernels, paged, quant, sharded
+from . import checkpoint, kernels, paged, quant, reshard, shard_blocks, sharded
 from . import momentum as mom
 from .functional import lion
 from .options import DEFAULTS, PARAM_DTYPES, check_group_options, compat_options, param_label
@@ -159,7 +159,8 @@ class Lion(Optimizer):
                         f"Invalid parameter dtype of {label}: {param.dtype} "
                         f"(Lion supports {', '.join(str(d) for d in PARAM_DTYPES)})"
                     )
-                sharded.check_param(param, label)
+                fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                sharded.check_param(param, label, fmt)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -213,11 +214,11 @@ class Lion(Optimizer):
         stored = mom.stored_format(entry)
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
-            values = mom.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
+            values = shard_blocks.decode(param, entry, stored, block_size)
             for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
                 entry.pop(key, None)
             entry.update(self._new_momentum(param, group, fmt))
-            mom.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
+            shard_blocks.encode(param, entry, values, fmt, block_size)
         if group["stochastic_rounding"] and mom.SR_SEED not in entry:
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
@@ -261,7 +262,7 @@ class Lion(Optimizer):
                 local_param = sharded.local(param)
                 buckets[local_param.device].add(
                     param, local_param, sharded.local(param.grad),
-                    sharded.local_entry(param, entry, group["block_size"]), fmt,
+                    sharded.local_entry(param, entry), fmt,
                 )
             scalars = lion_scalars(group)
             for bucket in buckets.values():
@@ -272,17 +273,29 @@ class Lion(Optimizer):
                 for part in bucket.singles() if paging else (bucket,):
                     if paging:
                         paged.prefetch(part.entries)
+                    # DTensor params: 8-bit blocks cut by shard boundaries are stepped around
+                    # the backend's call, in the whole parameter's blocks (lion8bit/shard_blocks.py).
+                    pieces = shard_blocks.ShardedStep(
+                        part.params, part.local_params, part.grads, part.entries, part.formats,
+                        group["block_size"],
+                    )
                     lion(
-                        part.local_params,
-                        part.grads,
-                        part.entries,
-                        part.formats,
+                        pieces.params,
+                        pieces.grads,
+                        pieces.entries,
+                        pieces.formats,
                         scalars=scalars,
                         block_size=group["block_size"],
                         stochastic_rounding=group["stochastic_rounding"],
                         backend=group["backend"],
                         numels=[param.numel() for param in part.params],
-                        reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
+                        reduce_counts=pieces.count_reducer(scalars) if scalars.cautious else None,
+                        skip=skip if group["skip_nonfinite"] else None,
+                        element_offsets=pieces.element_offsets,
+                    )
+                    pieces.step_edges(
+                        scalars,
+                        stochastic_rounding=group["stochastic_rounding"],
                         skip=skip if group["skip_nonfinite"] else None,
                     )
             for counter in skip_counters:
@@ -306,6 +319,8 @@ class Lion(Optimizer):
                 label = param_label(group_index, position, group, param)
                 self._check_grad(param, param.grad, label)
                 kernels.resolve(group["backend"], sharded.local(param).device, label)
+                fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                sharded.check_param(param, label, fmt)  # the group's state kind may have changed
                 if self.state.get(param):
                     self._check_state_fits(param, self.state[param], group, label)
                 params.append((index, param))
@@ -359,6 +374,14 @@ class Lion(Optimizer):
             )
 
     # -- state dicts ---------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        """torch's state dict, with the 8-bit absmax of DTensor params as one DTensor of the
+        whole parameter's blocks (the layout that reshards, :mod:`lion8bit.reshard`). With such
+        params it is a collective: call it on every rank, as get_optimizer_state_dict does.
+        (State dict post hooks run inside torch's ``state_dict``, on the per-rank layout.)"""
+        return reshard.checkpoint_state(super().state_dict(), self)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
