@@ -22,6 +22,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from lion8bit import Lion
+from lion8bit import momentum as mom
+
 JOB_TIMEOUT = 300  # seconds for a whole job; a healthy one takes 5-40 s on a loaded 2-core box
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 STATE_KINDS = ["8bit", "bf16", "fp32"]
@@ -149,13 +152,26 @@ class UserMLP(torch.nn.Module):
         return self.layers(x)
 
 
-def make_fsdp_model(seed=0, mesh=None, model_class=Net):
+class Aligned(torch.nn.Module):
+    """Every shard boundary on a block boundary for 2 ranks (blocks of 256): 64x32 and 128x64
+    weights split into 4 and 16 whole blocks per shard, no biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(32, 64, bias=False)
+        self.out = torch.nn.Linear(64, 128, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def make_fsdp_model(seed=0, mesh=None, model_class=Net, dtype=torch.float32):
     """The model sharded per layer (mesh None: FSDP over all ranks; a 2-D mesh: HSDP), and an
     unsharded copy."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = model_class()
+    model = model_class().to(dtype)
     unsharded = copy.deepcopy(model)
     for layer in model.modules():
         if isinstance(layer, torch.nn.Linear):
@@ -165,8 +181,10 @@ def make_fsdp_model(seed=0, mesh=None, model_class=Net):
 
 
 def inputs(model, step: int, rank: int, rows: int = 8) -> torch.Tensor:
-    features = next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).in_features
-    return torch.randn(rows, features, generator=torch.Generator().manual_seed(1000 * step + rank))
+    """A batch for ``model`` (in its dtype) that depends on the step and rank only."""
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(rows, first.in_features, generator=generator).to(first.weight.dtype)
 
 
 def train_step(model, optimizer, x):
@@ -275,3 +293,67 @@ def load_checkpoint(model, optimizer, path, flatten=False):
     set_model_state_dict(model, state["model"])
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+
+
+# -- FSDP2 against unsharded ---------------------------------------------------------------------
+
+
+def fsdp_trajectories(rank, world_size, configs, steps, mesh_shape=None):
+    """Per config: an FSDP2 optimizer and an unsharded one fed the same (gathered) grads; their
+    whole states after ``steps``, compared, and the all-reduces inside ``step()``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lion8bit import sharded
+
+    mesh = None
+    if mesh_shape is not None:
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    reports = []
+    for config in configs:
+        config = dict(config)
+        model_class, dtype = config.pop("model", Net), config.pop("dtype", torch.float32)
+        model, unsharded = make_fsdp_model(mesh=mesh, model_class=model_class, dtype=dtype)
+        options = {**OPTIONS, **config}
+        optimizer, reference = Lion(model.parameters(), **options), Lion(unsharded.parameters(), **options)
+        all_reduces = []  # (group size) of each all-reduce inside optimizer.step()
+        original, counting_all_reduce = dist.all_reduce, _counting(dist.all_reduce, all_reduces)
+        for step in range(steps):
+            model(inputs(model, step, rank)).square().mean().backward()
+            for param, twin in zip(model.parameters(), unsharded.parameters()):
+                twin.grad = param.grad.full_tensor()
+            dist.all_reduce = counting_all_reduce
+            try:
+                optimizer.step()
+            finally:
+                dist.all_reduce = original
+            reference.step()
+            optimizer.zero_grad()
+            reference.zero_grad()
+        reports.append({
+            "config": {**config, "model": model_class.__name__, "dtype": str(dtype)},
+            "differences": differences(full_state(model, optimizer), full_state(unsharded, reference)),
+            "all_reduces_per_step": len(all_reduces) / steps,
+            "all_reduce_group_sizes": sorted(set(all_reduces)),
+            "state_bytes_local": state_bytes(optimizer),
+            "state_bytes_unsharded": state_bytes(reference),
+            "shard": sharded.shard_index(next(model.parameters())),
+            "local_shapes_match": all(
+                sharded.local(value).shape == sharded.local(param).shape
+                for param in model.parameters()
+                for key, value in optimizer.state[param].items()
+                if key in (mom.MOMENTUM, mom.MOMENTUM_CODES)
+            ),
+        })
+    return reports
+
+
+
+
+def _counting(all_reduce, log: list):
+    """``all_reduce`` that appends the size of each call's group to ``log``."""
+
+    def counting_all_reduce(tensor, *args, group=None, **kwargs):
+        log.append(dist.get_world_size(group))
+        return all_reduce(tensor, *args, group=group, **kwargs)
+
+    return counting_all_reduce
