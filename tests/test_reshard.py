@@ -40,16 +40,16 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
 ]
 
-# The sequence (6 steps of this MLP with Lion8bit's defaults on 2 ranks, dcp.save, dcp.load
-# on 3 ranks and on 1), and the small Net with each state kind and the options that key on
-# element indices (stochastic rounding) or reduce over the whole parameter (caution).
+# The sequence that failed (6 steps of this MLP with Lion8bit's defaults on 2 ranks, dcp.save,
+# dcp.load on 3 ranks and on 1), and the small Net with 8-bit and bf16 state (fp32 state is stored
+# like bf16, elementwise) and the options that key on element indices (stochastic rounding) or
+# reduce over the whole parameter (caution).
 CASES = {
     "user-mlp": (UserMLP, torch.float32, dict(lr=1e-3, state="8bit")),
     "net-8bit": (
         Net, torch.bfloat16, dict(OPTIONS, state="8bit", cautious_factor=0.3, stochastic_rounding=True)
     ),
-    "net-bf16": (Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True)),
-    "net-fp32": (Net, torch.float32, dict(OPTIONS, state="fp32", cautious_factor=0.0)),
+    "net-bf16": (Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True, cautious_factor=0.0)),
 }
 SAVED_STEPS, CONTINUED_STEPS = 6, 3
 
@@ -167,10 +167,7 @@ TRAJECTORY_CONFIGS = [
     dict(state="bf16", cautious_factor=0.3, stochastic_rounding=True),
     dict(state="fp32", stochastic_rounding=True, dtype=torch.bfloat16),
 ]
-HSDP_CONFIGS = [
-    dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
-    dict(state="fp32", cautious_factor=0.3),
-]
+HSDP_CONFIGS = [dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16)]
 
 
 class Eligibility(torch.nn.Module):
