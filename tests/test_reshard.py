@@ -49,7 +49,9 @@ CASES = {
     "net-8bit": (
         Net, torch.bfloat16, dict(OPTIONS, state="8bit", cautious_factor=0.3, stochastic_rounding=True)
     ),
-    "net-bf16": (Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True, cautious_factor=0.0)),
+    "net-bf16": (
+        Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True, cautious_factor=0.0)
+    ),
 }
 SAVED_STEPS, CONTINUED_STEPS = 6, 3
 
