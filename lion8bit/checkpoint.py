@@ -10,7 +10,10 @@ raises ValueError naming the group or param before anything changes:
 2. :func:`merged_groups`: the loaded hyperparameters over this optimizer's groups, checked;
    format options must match, runtime options (``backend``, ``paged``) stay this optimizer's;
 3. :func:`loaded_state`: every entry checked against its param and copied into buffers from the
-   param's allocator (paged ones for a paged group), dtypes kept.
+   param's allocator (paged ones for a paged group), dtypes kept. DTensor params take their
+   state in the layouts :class:`lion8bit.reshard.Loader` reads (the checkpoint layout of any
+   world size, whole-parameter tensors, the per-shard absmax of earlier releases); moving 8-bit
+   absmax between ranks makes the load a collective for them.
 """
 
 from __future__ import annotations

@@ -102,20 +102,20 @@ class ShardedStep:
                 self._add(local_param, grad, entry, fmt, 0 if shard is None else shard.start)
                 continue
             slots = self._slots(param)
-            (low, high), edges = split(shard, block_size)
+            (inner_start, inner_end), edges = split(shard, block_size)
             if not edges:
-                self._add(local_param, grad, entry, fmt, low)
+                self._add(local_param, grad, entry, fmt, inner_start)
                 continue
             flat_param, flat_codes = self._flat(local_param), self._flat(entry[mom.MOMENTUM_CODES])
             flat_grad = grad.reshape(-1)
             absmax = entry[mom.MOMENTUM_ABSMAX]
             first, _ = sharded.runtime_blocks(shard, block_size)
-            inside = slice(max(low - shard.start, 0), max(high - shard.start, 0))
-            blocks = slice(low // block_size - first, quant.num_blocks(high, block_size) - first)
-            if high == low:
+            inside = slice(max(inner_start - shard.start, 0), max(inner_end - shard.start, 0))
+            blocks = slice(inner_start // block_size - first, quant.num_blocks(inner_end, block_size) - first)
+            if inner_end == inner_start:
                 blocks = slice(0, 0)
             interior = {**entry, mom.MOMENTUM_CODES: flat_codes[inside], mom.MOMENTUM_ABSMAX: absmax[blocks]}
-            self._add(flat_param[inside], flat_grad[inside], interior, fmt, low)
+            self._add(flat_param[inside], flat_grad[inside], interior, fmt, inner_start)
             for edge_start, edge_end in edges:
                 piece = slice(edge_start - shard.start, edge_end - shard.start)
                 block = edge_start // block_size

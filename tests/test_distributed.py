@@ -319,6 +319,7 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "fsdp2_train.py")
 
 
+@pytest.mark.slow
 @pytest.mark.examples
 def test_fsdp2_example_help():
     output = run_script([sys.executable, EXAMPLE, "--help"], timeout=120)
