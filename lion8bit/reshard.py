@@ -145,8 +145,8 @@ def checkpoint_state(state_dict: dict, optimizer) -> dict:
     """``state_dict`` (torch's packing of ``optimizer``'s state) with the absmax of each 8-bit
     DTensor param in the checkpoint layout. Entries are copied, the optimizer's never changed."""
     owners = {}
-    for group, packed in zip(optimizer.param_groups, state_dict["param_groups"]):
-        for saved_id, param in zip(packed["params"], group["params"]):
+    for group, packed in zip(optimizer.param_groups, state_dict["param_groups"], strict=True):
+        for saved_id, param in zip(packed["params"], group["params"], strict=True):
             owners[saved_id] = (param, group)
     transfers: dict[tuple, list[_Transfer]] = {}
     for saved_id, entry in state_dict["state"].items():

@@ -95,7 +95,7 @@ class ShardedStep:
         self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._counts = None
         for owner, (param, local_param, grad, entry, fmt) in enumerate(
-            zip(params, local_params, grads, entries, formats)
+            zip(params, local_params, grads, entries, formats, strict=True)
         ):
             shard = sharded.flat_range(param) if sharded.is_sharded(param) else None
             if fmt != "8bit" or shard is None:
@@ -212,7 +212,7 @@ class ShardedStep:
             maxima[edge.group][edge.slot] = momentum.abs().amax()
         for (mesh, mesh_dim), values in maxima.items():
             maxima[(mesh, mesh_dim)] = max_across(values, mesh, mesh_dim)
-        for edge, momentum in zip(self._edges, momenta):
+        for edge, momentum in zip(self._edges, momenta, strict=True):
             absmax = maxima[edge.group][edge.slot : edge.slot + 1]
             codes = quant.quantize_with_absmax(momentum, absmax, B)
             old_absmax = edge.block_absmax()

@@ -280,7 +280,7 @@ def count_reducer(params: list[torch.Tensor]) -> Callable | None:
             on_mesh = stacked.to(mesh_device(mesh))
             for mesh_dim in mesh_dims:
                 dist.all_reduce(on_mesh, group=mesh.get_group(mesh_dim))
-            for i, total in zip(members, on_mesh.to(stacked.device).unbind()):
+            for i, total in zip(members, on_mesh.to(stacked.device).unbind(), strict=True):
                 counts[i] = total
         return counts
 

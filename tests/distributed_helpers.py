@@ -319,7 +319,7 @@ def fsdp_trajectories(rank, world_size, configs, steps, mesh_shape=None):
         original, counting_all_reduce = dist.all_reduce, _counting(dist.all_reduce, all_reduces)
         for step in range(steps):
             model(inputs(model, step, rank)).square().mean().backward()
-            for param, twin in zip(model.parameters(), unsharded.parameters()):
+            for param, twin in zip(model.parameters(), unsharded.parameters(), strict=True):
                 twin.grad = param.grad.full_tensor()
             dist.all_reduce = counting_all_reduce
             try:
