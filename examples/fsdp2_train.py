@@ -7,7 +7,7 @@
 Runs on CPU with gloo (or one GPU per rank with NCCL); without torchrun it runs as a single
 process. Each rank holds a shard of every weight, and Lion8bit keeps 8-bit momentum for that
 shard only: the state bytes per rank printed at the end are about the total divided by the
-number of ranks.
+number of ranks. A checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -143,8 +143,14 @@ def main():
             dcp.save(checkpoint_state(model, optimizer), storage_writer=writer)
 
     local_params = sum(p.to_local().numel() for p in model.parameters())
+    # The momentum (codes) is a DTensor placed like its param; the 8-bit absmax, while training,
+    # a plain tensor of the blocks this rank's shard overlaps (state_dict() gathers the layout
+    # that reshards, lion8bit/reshard.py).
     state_bytes = sum(
-        value.to_local().nbytes for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)
+        (value.to_local() if hasattr(value, "to_local") else value).nbytes
+        for entry in optimizer.state.values()
+        for value in entry.values()
+        if torch.is_tensor(value)
     )
     report = torch.tensor([local_params, state_bytes], dtype=torch.int64, device=device)
     reports = [torch.zeros_like(report) for _ in range(world_size)]

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, kernels, paged, quant, sharded
+from . import checkpoint, kernels, paged, quant, reshard, shard_blocks, sharded
 from . import momentum as mom
 from .functional import lion
 from .options import DEFAULTS, PARAM_DTYPES, check_group_options, compat_options, param_label
@@ -171,7 +171,8 @@ class Lion(Optimizer):
                         f"Invalid parameter dtype of {label}: {param.dtype} "
                         f"(Lion supports {', '.join(str(d) for d in PARAM_DTYPES)})"
                     )
-                sharded.check_param(param, label)
+                fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                sharded.check_param(param, label, fmt)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -225,11 +226,11 @@ class Lion(Optimizer):
         stored = mom.stored_format(entry)
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
-            values = mom.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
+            values = shard_blocks.decode(param, entry, stored, block_size)
             for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
                 entry.pop(key, None)
             entry.update(self._new_momentum(param, group, fmt))
-            mom.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
+            shard_blocks.encode(param, entry, values, fmt, block_size)
         if group["stochastic_rounding"] and mom.SR_SEED not in entry:
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
@@ -269,6 +270,7 @@ class Lion(Optimizer):
         skip = self._nonfinite_flag(collected)
         for group, params in collected:
             rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
+            sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
             block_size, kind, min_8bit_size = group["block_size"], group["state"], group["min_8bit_size"]
             needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
@@ -286,11 +288,15 @@ class Lion(Optimizer):
                 if type(param) in _PLAIN:
                     rows[device].append((param, param, grad, entry, fmt))
                 else:
-                    local_entry = sharded.local_entry(param, entry, block_size)
+                    sharded_devices.add(device)
+                    local_entry = sharded.local_entry(param, entry)
                     rows[device].append((param, sharded.local(param), sharded.local(grad), local_entry, fmt))
-            buckets = [_Bucket(*map(list, zip(*device_rows, strict=True))) for device_rows in rows.values()]
+            buckets = [
+                (device in sharded_devices, _Bucket(*map(list, zip(*device_rows, strict=True))))
+                for device, device_rows in rows.items()
+            ]
             scalars = lion_scalars(group)
-            for bucket in buckets:
+            for has_shards, bucket in buckets:
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
                 # current stream) just before its own update, so only the tensor being updated
                 # has to fit on the GPU, as with bitsandbytes.
@@ -298,24 +304,38 @@ class Lion(Optimizer):
                 for part in bucket.singles() if paging else (bucket,):
                     if paging:
                         paged.prefetch(part.entries)
-                    lion(
-                        part.local_params,
-                        part.grads,
-                        part.entries,
-                        part.formats,
-                        scalars=scalars,
-                        block_size=group["block_size"],
-                        stochastic_rounding=group["stochastic_rounding"],
-                        backend=group["backend"],
-                        numels=[param.numel() for param in part.params] if scalars.cautious else None,
-                        reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
-                        skip=skip if group["skip_nonfinite"] else None,
-                        capturable=group["capturable"],
-                    )
+                    self._step_part(part, group, scalars, skip, has_shards)
             for counter in skip_counters:
                 counter.add_(skip.to(counter.device, non_blocking=True))
             self._block_sizes[id(group)] = group["block_size"]
         return loss
+
+    @staticmethod
+    def _step_part(part: "_Bucket", group: dict, scalars, skip, has_shards: bool) -> None:
+        """One call of the functional for these tensors. DTensor params go through
+        :class:`lion8bit.shard_blocks.ShardedStep`: 8-bit blocks cut by shard boundaries are
+        stepped around the backend's call, in the whole parameter's blocks."""
+        options = dict(
+            scalars=scalars,
+            block_size=group["block_size"],
+            stochastic_rounding=group["stochastic_rounding"],
+            backend=group["backend"],
+            skip=skip if group["skip_nonfinite"] else None,
+            capturable=group["capturable"],
+        )
+        if not has_shards:
+            lion(part.local_params, part.grads, part.entries, part.formats, **options)
+            return
+        pieces = shard_blocks.ShardedStep(
+            part.params, part.local_params, part.grads, part.entries, part.formats, group["block_size"]
+        )
+        lion(
+            pieces.params, pieces.grads, pieces.entries, pieces.formats, **options,
+            numels=[param.numel() for param in part.params],
+            reduce_counts=pieces.count_reducer(scalars) if scalars.cautious else None,
+            element_offsets=pieces.element_offsets,
+        )
+        pieces.step_edges(scalars, stochastic_rounding=group["stochastic_rounding"], skip=options["skip"])
 
     def _collect(self) -> list[tuple[dict, list[tuple]]]:
         """Per group, its params with a grad as (index among all params, param, grad, state
@@ -339,21 +359,25 @@ class Lion(Optimizer):
                 if grad is None:
                     continue
                 # _grad_fits, inlined: the common case costs a few comparisons per param
+                plain = type(grad) in _PLAIN and type(param) in _PLAIN
                 if not (
                     (grad.dtype is param.dtype or grad.dtype is torch.float32)
                     and grad.shape == param.shape
                     and grad.device == param.device
                     and not grad.is_sparse
-                    and ((type(grad) in _PLAIN and type(param) in _PLAIN) or sharded.same_layout(grad, param))
+                    and (plain or sharded.same_layout(grad, param))
                 ):
                     self._check_grad(param, grad, param_label(group_index, position, group, param))
-                device = param.device if type(param) in _PLAIN else sharded.local(param).device
+                device = param.device if plain else sharded.local(param).device
                 if device not in checked_devices:
                     try:
                         kernels.resolve(group["backend"], device)
                     except kernels.UnavailableBackend:
                         kernels.resolve(group["backend"], device, param_label(group_index, position, group, param))
                     checked_devices.add(device)
+                if not plain:  # the group's state kind may have changed: 8-bit takes fewer layouts
+                    fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                    sharded.check_param(param, param_label(group_index, position, group, param), fmt)
                 entry = state.get(param)
                 if check_blocks and entry and mom.MOMENTUM_ABSMAX in entry:
                     self._check_state_fits(param, entry, group, lambda: param_label(group_index, position, group, param))
@@ -408,6 +432,14 @@ class Lion(Optimizer):
             )
 
     # -- state dicts ---------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        """torch's state dict, with the 8-bit absmax of DTensor params as one DTensor of the
+        whole parameter's blocks (the layout that reshards, :mod:`lion8bit.reshard`). With such
+        params it is a collective: call it on every rank, as get_optimizer_state_dict does.
+        (State dict post hooks run inside torch's ``state_dict``, on the per-rank layout.)"""
+        return reshard.checkpoint_state(super().state_dict(), self)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:

@@ -128,13 +128,25 @@ def quantize_blockwise(
     absmax, (value * 2**24) * (1 / (absmax * 2**24)). An all-zero block has absmax 0 and codes
     127 (no 0/0).
     """
+    absmax = blockwise_absmax(values, block_size)
+    return quantize_with_absmax(values, absmax, block_size), absmax
+
+
+def quantize_with_absmax(
+    values: torch.Tensor, absmax: torch.Tensor, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """uint8 codes of fp32 values in blocks whose fp32 absmax are given (one per block).
+
+    Elementwise once the absmax is known: a piece of a block quantized with the whole block's
+    absmax gets the codes the whole block would (how a block cut by a shard boundary is
+    requantized, lion8bit/shard_blocks.py).
+    """
     flat = values.reshape(-1).float()
-    absmax = blockwise_absmax(flat, block_size)
     scale = torch.where(absmax < SUBNORMAL_ABSMAX, SUBNORMAL_SCALE, 1.0)
     inverse = torch.where(absmax > 0, torch.reciprocal(absmax * scale), torch.zeros_like(absmax))
     blocks = _as_blocks(flat, block_size) * scale[:, None]
     normalized = (blocks * inverse[:, None]).reshape(-1)[: flat.numel()]
-    return nearest_codes(normalized).view(values.shape), absmax
+    return nearest_codes(normalized).view(values.shape)
 
 
 def dequantize_blockwise(
