@@ -17,12 +17,11 @@ import argparse
 import copy
 import time
 
+import _common as common
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import _common as common
 
 # --quick: a smaller model and a few steps, to show the script works end to end (not evidence).
 QUICK = dict(data="auto", steps=16, warmup=4, eval_every=8, eval_batches=2, batch_size=16,

@@ -18,12 +18,11 @@ import copy
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import _common as common
 
 # --quick: a slice of the data and one short epoch, to show the script works end to end.
 QUICK = dict(data="auto", epochs=1, train_limit=1024, test_limit=512, eval_every=4, seeds=[0])

@@ -54,14 +54,14 @@ def merged_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
         raise ValueError(
             f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(groups)}"
         )
-    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+    for group_index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(
                 f"param_groups[{group_index}] has {len(group['params'])} parameters, "
                 f"the loaded state dict's {len(saved['params'])}"
             )
     merged_all = []
-    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+    for group_index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         merged = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
         for name, default in DEFAULTS.items():
             merged.setdefault(name, default)
@@ -97,7 +97,7 @@ def loaded_state(state_dict: dict, groups: list[dict], allocator: Callable) -> d
     ]
     state = defaultdict(dict)
     loader = reshard.Loader()
-    for saved_id, (group_index, position, param, group) in zip(saved_ids, locations):
+    for saved_id, (group_index, position, param, group) in zip(saved_ids, locations, strict=True):
         entry = state_dict["state"].get(saved_id)
         if entry is None:
             continue

@@ -126,8 +126,8 @@ def lion(
     local_params = params if all(map(contiguous, params)) else [staging.write(param) for param in params]
     local_grads = grads if all(map(contiguous, grads)) else [staging.read(grad) for grad in grads]
     momenta = entries
-    if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats) for key in BUFFER_KEYS[fmt]):
-        momenta = [{key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)]
+    if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats, strict=True) for key in BUFFER_KEYS[fmt]):
+        momenta = [{key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats, strict=True)]
     common = dict(scalars=scalars, block_size=block_size)
     if capturable or isinstance(scalars.lr, torch.Tensor):
         common["step_scalars"] = device_step_scalars(scalars, device)
@@ -140,7 +140,7 @@ def lion(
         sizes = numels if numels is not None else [p.numel() for p in params]
         cautious_steps = [
             cautious_step_sizes(count, size, scalars.lr, scalars.cautious_factor, torch.float32)
-            for count, size in zip(counts, sizes)
+            for count, size in zip(counts, sizes, strict=True)
         ]
     keys = None
     if stochastic_rounding and capturable:

@@ -61,7 +61,7 @@ def convert_to_lion8bit(state_dict: dict, source: str, optimizer) -> dict:
             f"this optimizer {len(optimizer.param_groups)}"
         )
     groups = []
-    for group, saved in zip(optimizer.param_groups, saved_groups):
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         merged = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         for key in ("lr", "betas", "weight_decay", "cautious_factor"):
             if key in saved:
@@ -76,7 +76,7 @@ def convert_to_lion8bit(state_dict: dict, source: str, optimizer) -> dict:
     group_of = list(chain.from_iterable([g] * len(g["params"]) for g in groups))
     convert = _from_bitsandbytes if source == "bitsandbytes" else _from_lion_pytorch
     state = {}
-    for position, (saved_id, param, group) in enumerate(zip(ids, params, group_of)):
+    for position, (saved_id, param, group) in enumerate(zip(ids, params, group_of, strict=True)):
         entry = state_dict["state"].get(saved_id)
         if entry is None:
             continue
@@ -165,7 +165,7 @@ def to_lion_pytorch_state_dict(optimizer) -> dict:
                 "params": ids,
             }
         )
-        for param_id, param in zip(ids, group["params"]):
+        for param_id, param in zip(ids, group["params"], strict=True):
             entry = optimizer.state.get(param, {})
             fmt = mom.stored_format(entry)
             if fmt is None:

@@ -37,7 +37,6 @@ import torch
 from . import momentum as mom
 from . import quant
 
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -103,7 +103,7 @@ def batch(sizes, generator, block_size=quant.BLOCK_SIZE, pairings=PAIRINGS, form
         for param_dtype, grad_dtype in pairings
         for fmt in formats
     ]
-    params, grads, entries = (list(column) for column in zip(*tensors))
+    params, grads, entries = (list(column) for column in zip(*tensors, strict=True))
     return params, grads, entries, [mom.stored_format(entry) for entry in entries]
 
 
@@ -130,7 +130,7 @@ def reference_steps(
     scalars = lion_scalars(group)
     numels = numels or [p.numel() for p in params]
     element_offsets = element_offsets or [0] * len(params)
-    for param, grad, entry, fmt, numel, offset in zip(params, grads, entries, formats, numels, element_offsets):
+    for param, grad, entry, fmt, numel, offset in zip(params, grads, entries, formats, numels, element_offsets, strict=True):
         cautious_steps = None
         if scalars.cautious:
             count = reference_aligned_count(grad, entry, scalars, fmt=fmt, block_size=block_size)
@@ -150,7 +150,7 @@ def copies(params, entries):
 
 
 def assert_same_state(params, entries, expected_params, expected_entries, formats):
-    for index, (param, entry) in enumerate(zip(params, entries)):
+    for index, (param, entry) in enumerate(zip(params, entries, strict=True)):
         label = f"tensor {index} ({param.numel()} {param.dtype} {formats[index]})"
         assert_same_bits(param, expected_params[index], f"{label} param")
         for key, value in expected_entries[index].items():

@@ -12,10 +12,11 @@ import sys
 
 import pytest
 import torch
-from helpers import native_cpu_backends
 
 from lion8bit import Lion, kernels
 from lion8bit import momentum as mom
+
+from helpers import native_cpu_backends
 
 OPTIONS = dict(weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True)
 LR = 1e-3
@@ -55,7 +56,7 @@ def test_a_tensor_lr_under_a_schedule_gives_the_float_lr_bits(backend, state):
     )
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (plain, capturable)]
     for step in range(4):
-        for model, optimizer, schedule in zip((plain_model, capturable_model), (plain, capturable), schedules):
+        for model, optimizer, schedule in zip((plain_model, capturable_model), (plain, capturable), schedules, strict=True):
             _set_grads(model, step)
             optimizer.step()
             schedule.step()

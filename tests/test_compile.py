@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import LR, batch, group_of, native_cpu_backends
 
 from lion8bit import Lion
 from lion8bit import momentum as mom
 from lion8bit.kernels import cpu_lion
 from lion8bit.reference import lion_scalars
+
+from helpers import LR, batch, group_of, native_cpu_backends
 
 OPTION_SETS = {
     "plain": dict(weight_decay=0.1),

@@ -161,12 +161,12 @@ def _fsdp_skip_nonfinite(rank, world_size):
         local(next(model.parameters()).grad).view(-1)[0] = float("nan")
     optimizer.step()
     optimizer.zero_grad()
-    unchanged = all(torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
+    unchanged = all(torch.equal(b, local(p)) for b, p in zip(before, model.parameters(), strict=True))
     counters = (mom.NONFINITE_SKIPS, f" {mom.STEP}")  # a skipped step still counts the call
     changed = [k for k in differences(state_before, full_state(model, optimizer)) if not k.endswith(counters)]
     skips = sorted({int(entry[mom.NONFINITE_SKIPS]) for entry in optimizer.state.values()})
     train_step(model, optimizer, inputs(model, 3, rank))
-    moved = any(not torch.equal(b, local(p)) for b, p in zip(before, model.parameters()))
+    moved = any(not torch.equal(b, local(p)) for b, p in zip(before, model.parameters(), strict=True))
     return {"unchanged": unchanged and not changed, "skips": skips, "moved_after": moved}
 
 
@@ -302,7 +302,7 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
     optimizer.param_groups[0]["lr"] = 0.0
     optimizer.step()
     optimizer.param_groups[0]["lr"] = LR
-    for param, other in zip(model.parameters(), twin.parameters()):
+    for param, other in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(param, other)
         entry = optimizer.state[param]
         assert entry[mom.STEP] == 0
@@ -311,7 +311,7 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
     for step in range(3):
         train_step(model, optimizer, inputs(model, step, 0))
         train_step(twin, untouched, inputs(twin, step, 0))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 # -- the example -------------------------------------------------------------------------------

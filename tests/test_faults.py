@@ -28,9 +28,9 @@ def snapshot(net, optimizer):
 
 def assert_unchanged(before, net, optimizer, ignore=(mom.STEP, mom.NONFINITE_SKIPS)):
     params, state = before
-    for old, new in zip(params, net.parameters()):
+    for old, new in zip(params, net.parameters(), strict=True):
         assert torch.equal(old, new.detach())
-    for (p_old, entry_old), (p_new, entry_new) in zip(state.items(), optimizer.state.items()):
+    for (p_old, entry_old), (p_new, entry_new) in zip(state.items(), optimizer.state.items(), strict=True):
         for key, value in entry_old.items():
             if key in ignore:
                 continue
@@ -110,7 +110,7 @@ def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poiso
         for n, o in ((net, optimizer), (clean, reference)):
             grads_for(n, seed)
             o.step()
-    for a, b in zip(net.parameters(), clean.parameters()):
+    for a, b in zip(net.parameters(), clean.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
 

@@ -57,7 +57,7 @@ def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
     optimizer, unpaged = PagedLion8bit(params, **OPTIONS), Lion8bit(twins, **OPTIONS)
     train(optimizer, params, 5)
     train(unpaged, twins, 5)
-    for param, twin in zip(params, twins):
+    for param, twin in zip(params, twins, strict=True):
         assert torch.equal(param, twin)
         assert all(paged.is_paged(b) == (param.numel() >= mom.PAGED_MIN_NUMEL) for b in momentum_buffers(optimizer, param))
     assert paged.allocated_bytes() - before == paged_bytes_of(params)
@@ -87,8 +87,8 @@ def test_paging_survives_load_state_dict():
     for state_dict in (optimizer.state_dict(), _on_cpu(optimizer.state_dict())):
         loaded = PagedLion8bit(make_params(), **OPTIONS)
         loaded.load_state_dict(state_dict)
-        for param, twin in zip(params, loaded.param_groups[0]["params"]):
-            for buffer, original in zip(momentum_buffers(loaded, twin), momentum_buffers(optimizer, param)):
+        for param, twin in zip(params, loaded.param_groups[0]["params"], strict=True):
+            for buffer, original in zip(momentum_buffers(loaded, twin), momentum_buffers(optimizer, param), strict=True):
                 assert paged.is_paged(buffer) == (param.numel() >= mom.PAGED_MIN_NUMEL)
                 assert buffer.dtype == original.dtype and torch.equal(buffer, original)
 

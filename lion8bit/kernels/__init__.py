@@ -230,7 +230,7 @@ def check_tensors(backend: str, params, grads, momenta, formats, block_size: int
     ):
         raise ValueError(f'Invalid call of backend="{backend}": lists of different lengths')
     offsets = element_offsets or (0,) * len(params)
-    for index, row in enumerate(zip(params, grads, momenta, formats, offsets)):
+    for index, row in enumerate(zip(params, grads, momenta, formats, offsets, strict=True)):
         if not _tensor_is_valid(*row, block_size):
             _diagnose(f'backend="{backend}", tensor {index}', *row, block_size)
 

@@ -105,11 +105,11 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     param_types = list(map(_DTYPES.get, map(_dtype, params)))
     grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
     buffer_types = list(map(_dtype, buffers))
-    absmax_blocks = [-(-n // block_size) for n, f in zip(numels, formats) if f == 0]  # quant.num_blocks
+    absmax_blocks = [-(-n // block_size) for n, f in zip(numels, formats, strict=True) if f == 0]  # quant.num_blocks
     offsets = list(element_offsets) if element_offsets else [0] * count
     valid = (
         None not in param_types
-        and all(g == p or g == 0 for g, p in zip(grad_types, param_types))
+        and all(g == p or g == 0 for g, p in zip(grad_types, param_types, strict=True))
         and list(map(_numel, grads)) == numels
         and list(map(_numel, buffers)) == numels
         and [_BUFFER_DTYPES.get(f) for f in formats] == buffer_types
@@ -120,11 +120,11 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
         and all(map(_contiguous, params)) and all(map(_contiguous, grads)) and all(map(_contiguous, buffers))
         and all(map(_contiguous, absmaxes))
         and all(type(o) is int and o >= 0 for o in offsets)
-        and not any(o % block_size for o, f in zip(offsets, formats) if f == 0)
+        and not any(o % block_size for o, f in zip(offsets, formats, strict=True) if f == 0)
     )
     if not valid:
         absmax_iterator = iter(absmaxes)
-        for index, (param, grad, buffer, fmt, offset) in enumerate(zip(params, grads, buffers, formats, offsets)):
+        for index, (param, grad, buffer, fmt, offset) in enumerate(zip(params, grads, buffers, formats, offsets, strict=True)):
             absmax = next(absmax_iterator) if fmt == 0 else None
             _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size)
         raise AssertionError("the tensors failed a check that no single tensor fails")
@@ -137,7 +137,7 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
         [_NO_KEY] * count if keys is None else [k[1] for k in keys],
         offsets,
     )
-    rows = array.array("q", itertools.chain.from_iterable(zip(*columns)))
+    rows = array.array("q", itertools.chain.from_iterable(zip(*columns, strict=True)))
     positions = [index for index, numel in enumerate(numels) if numel]
     if len(positions) < count:  # zero-size tensors: nothing to do, and their pointers may be 0
         rows = array.array("q", itertools.chain.from_iterable(
@@ -222,7 +222,7 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     if not (
         list(map(_numel, grads)) == numels
         and all(map(_is_cpu, grads)) and all(map(_contiguous, grads))
-        and all(g == p or g == 0 for g, p in zip(grad_types, map(_DTYPES.get, cached.facts[3])))
+        and all(g == p or g == 0 for g, p in zip(grad_types, map(_DTYPES.get, cached.facts[3]), strict=True))
     ):
         return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
     rows = array.array("q", cached.rows)
@@ -303,7 +303,7 @@ def _arguments(momenta, formats, count: int):
     if not len(momenta) == len(formats) == count:
         raise ValueError('Invalid call of backend="cpu": lists of different lengths')
     buffers, absmaxes, codes = [], [], []
-    for index, (momentum, fmt) in enumerate(zip(momenta, formats)):
+    for index, (momentum, fmt) in enumerate(zip(momenta, formats, strict=True)):
         code = _FORMATS.get(fmt)
         if code == 0 and mom.MOMENTUM_CODES in momentum and mom.MOMENTUM_ABSMAX in momentum:
             buffers.append(momentum[mom.MOMENTUM_CODES])

@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from ..reference import reference_aligned_count, reference_step
 from .. import momentum as mom
+from ..reference import reference_aligned_count, reference_step
 from . import STEP_SCALARS, check_tensors
 
 
@@ -39,7 +39,7 @@ class TorchBackend:
         scalars = _with_device_scalars(scalars, step_scalars)
         return [
             reference_aligned_count(grad, momentum, scalars, fmt=fmt, block_size=block_size)
-            for grad, momentum, fmt in zip(grads, momenta, formats)
+            for grad, momentum, fmt in zip(grads, momenta, formats, strict=True)
         ]
 
     def lion_step(
@@ -50,7 +50,7 @@ class TorchBackend:
         scalars = _with_device_scalars(scalars, step_scalars)
         # With a device flag ``skip``, each tensor is updated and then put back where the flag
         # is set: no host synchronisation, at the cost of a copy per tensor.
-        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats, strict=True)):
             before = None
             if skip is not None:
                 before = param.clone(), {key: momentum[key].clone() for key in _BUFFERS[fmt]}
