@@ -360,7 +360,9 @@ def write_csv(rows, path: Path):
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: (f"{value:.4g}" if isinstance(value, float) else value) for key, value in row.items()})
+            writer.writerow(
+                {key: (f"{value:.4g}" if isinstance(value, float) else value) for key, value in row.items()}
+            )
 
 
 def _fmt(value, spec=".1f", missing="n/a"):
@@ -392,7 +394,7 @@ def markdown(rows, env: dict, command: str) -> str:
         if ours is None:
             continue
 
-        def ratio(key):
+        def ratio(key, named=named):
             row = named.get(key)
             return f"{row['x_lion8bit']:.1f}x" if row else "-"
 
@@ -457,23 +459,34 @@ def main(argv=None) -> int:
                 bandwidth = copy_bandwidth(copy_bytes)
                 row = measure(case, key, args.steps)
                 floor_ms = row["bytes_moved"] / (bandwidth * 1e9) * 1e3
-                measured.append({
-                    **row, "copy_gbps": bandwidth, "copy_mib": copy_bytes // MIB, "floor_ms": floor_ms,
-                    "x_floor": row["median_ms"] / floor_ms, "load_before": load_before,
-                    "load_after": os.getloadavg()[0],
-                })
+                measured.append(
+                    {
+                        **row,
+                        "copy_gbps": bandwidth,
+                        "copy_mib": copy_bytes // MIB,
+                        "floor_ms": floor_ms,
+                        "x_floor": row["median_ms"] / floor_ms,
+                        "load_before": load_before,
+                        "load_after": os.getloadavg()[0],
+                    }
+                )
                 bar.update()
             baseline = next(
                 (row["median_ms"] for row in measured if (row["optimizer"], row["backend"]) == HEADLINE), None
             )
             for row in measured:
-                rows.append({
-                    **env,
-                    "problem": case.name, "param_dtype": _dtype_name(case.dtype), "numel": case.numel,
-                    "tensors": len(case.shapes), **row,
-                    "x_lion8bit": row["median_ms"] / baseline if baseline else float("nan"),
-                    "kernel_build_s": build_seconds,
-                })
+                rows.append(
+                    {
+                        **env,
+                        "problem": case.name,
+                        "param_dtype": _dtype_name(case.dtype),
+                        "numel": case.numel,
+                        "tensors": len(case.shapes),
+                        **row,
+                        "x_lion8bit": row["median_ms"] / baseline if baseline else float("nan"),
+                        "kernel_build_s": build_seconds,
+                    }
+                )
             case.release()
     write_csv(rows, out)
     table = markdown(rows, env, command)

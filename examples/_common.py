@@ -208,7 +208,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lion_lr, lion_wd
         + " (default: all)",
     )
     group.add_argument("--lion-lr", type=float, default=lion_lr, help="peak lr of every Lion (default: %(default)g)")
-    group.add_argument("--lion-wd", type=float, default=lion_wd, help="weight decay of every Lion (default: %(default)g)")
+    group.add_argument(
+        "--lion-wd", type=float, default=lion_wd, help="weight decay of every Lion (default: %(default)g)"
+    )
     group.add_argument("--adamw-lr", type=float, default=adamw_lr, help="peak lr of AdamW (default: %(default)g)")
     group.add_argument("--adamw-wd", type=float, default=adamw_wd, help="weight decay of AdamW (default: %(default)g)")
     group.add_argument("--beta1", type=float, default=0.9, help="beta1 of every optimizer (default: %(default)g)")
@@ -348,13 +350,7 @@ def plot_curves(
             if len(by_seed) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colors(index), alpha=0.15, lw=0)
     last = max(s for by_seed in curves.values() for run in by_seed.values() for s, _ in run)
-    tail = [
-        v
-        for by_seed in curves.values()
-        for run in by_seed.values()
-        for s, v in run
-        if s >= zoom_from * last
-    ]
+    tail = [v for by_seed in curves.values() for run in by_seed.values() for s, v in run if s >= zoom_from * last]
     axes[1].set_xlim(zoom_from * last, last * 1.01)
     if tail:
         low, high = min(tail), max(tail)

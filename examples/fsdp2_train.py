@@ -35,14 +35,22 @@ from lion8bit import Lion
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    parser.add_argument("--state", choices=["8bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)")
+    parser.add_argument(
+        "--state", choices=["8bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (default: 0.1)")
-    parser.add_argument("--cautious-factor", type=float, default=1.0,
-                        help="1.0 = off; below 1 masks updates against the gradient (default: 1.0)")
+    parser.add_argument(
+        "--cautious-factor",
+        type=float,
+        default=1.0,
+        help="1.0 = off; below 1 masks updates against the gradient (default: 1.0)",
+    )
     parser.add_argument("--width", type=int, default=512, help="hidden width of the MLP (default: 512)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per rank and step (default: 64)")
-    parser.add_argument("--checkpoint", metavar="DIR", help="save model + optimizer here at the end (torch.distributed.checkpoint)")
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", help="save model + optimizer here at the end (torch.distributed.checkpoint)"
+    )
     parser.add_argument("--resume", action="store_true", help="load --checkpoint before training")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps of a smaller model (for tests)")
@@ -157,11 +165,15 @@ def main():
     dist.all_gather(reports, report)
     if rank == 0:
         total_params = sum(p.numel() for p in model.parameters())
-        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps ({elapsed:.1f} s), "
-              f"{world_size} rank(s), state={args.state}")
+        print(
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps ({elapsed:.1f} s), "
+            f"{world_size} rank(s), state={args.state}"
+        )
         for index, (params, nbytes) in enumerate(r.tolist() for r in reports):
-            print(f"rank {index}: {params:,} of {total_params:,} params, optimizer state {nbytes:,} bytes "
-                  f"({nbytes / params:.3f} B/param)")
+            print(
+                f"rank {index}: {params:,} of {total_params:,} params, optimizer state {nbytes:,} bytes "
+                f"({nbytes / params:.3f} B/param)"
+            )
         if args.checkpoint:
             print(f"saved model + optimizer to {args.checkpoint} (step {first_step + args.steps})")
     dist.destroy_process_group()

@@ -127,7 +127,10 @@ def lion(
     local_grads = grads if all(map(contiguous, grads)) else [staging.read(grad) for grad in grads]
     momenta = entries
     if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats, strict=True) for key in BUFFER_KEYS[fmt]):
-        momenta = [{key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats, strict=True)]
+        momenta = [
+            {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]}
+            for entry, fmt in zip(entries, formats, strict=True)
+        ]
     common = dict(scalars=scalars, block_size=block_size)
     if capturable or isinstance(scalars.lr, torch.Tensor):
         common["step_scalars"] = device_step_scalars(scalars, device)
@@ -149,8 +152,15 @@ def lion(
     elif stochastic_rounding:
         keys = [rounding_keys(entry[mom.SR_SEED], entry[mom.STEP]) for entry in entries]
     implementation.lion_step(
-        local_params, local_grads, momenta, formats, **common,
-        rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip, element_offsets=element_offsets,
+        local_params,
+        local_grads,
+        momenta,
+        formats,
+        **common,
+        rounding_keys=keys,
+        cautious_steps=cautious_steps,
+        skip=device_skip,
+        element_offsets=element_offsets,
     )
     staging.finish()
     increment_version(params)

@@ -8,6 +8,7 @@ hands them to the functional :func:`lion8bit.functional.lion`, which dispatches 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import defaultdict
 
@@ -272,7 +273,7 @@ class Lion(Optimizer):
             rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
             sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
-            block_size, kind, min_8bit_size = group["block_size"], group["state"], group["min_8bit_size"]
+            kind, min_8bit_size = group["state"], group["min_8bit_size"]
             needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
             for index, param, grad, entry, device in params:
                 fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
@@ -380,7 +381,8 @@ class Lion(Optimizer):
                     sharded.check_param(param, param_label(group_index, position, group, param), fmt)
                 entry = state.get(param)
                 if check_blocks and entry and mom.MOMENTUM_ABSMAX in entry:
-                    self._check_state_fits(param, entry, group, lambda: param_label(group_index, position, group, param))
+                    label = functools.partial(param_label, group_index, position, group, param)
+                    self._check_state_fits(param, entry, group, label)
                 params.append((index, param, grad, entry, device))
             if params:
                 collected.append((group, params))
@@ -419,17 +421,13 @@ class Lion(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"Lion does not support sparse gradients ({label})")
         if not sharded.same_layout(grad, param):
-            raise RuntimeError(
-                f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}"
-            )
+            raise RuntimeError(f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}")
         if grad.shape != param.shape:
             raise RuntimeError(f"Gradient of {label} has shape {tuple(grad.shape)}")
         if grad.device != param.device:
             raise RuntimeError(f"Gradient of {label} is on {grad.device}, the parameter on {param.device}")
         if grad.dtype != param.dtype and grad.dtype != torch.float32:
-            raise RuntimeError(
-                f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32"
-            )
+            raise RuntimeError(f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32")
 
     # -- state dicts ---------------------------------------------------------------------------
 

@@ -175,7 +175,8 @@ def rounding_key_bases(seed: int) -> tuple[int, int]:
     """The step-independent half of :func:`rounding_keys` for one tensor: per stream,
     mix32((seed ^ mix32(stream + 1)) mod 2**32); the key is then mix32(base ^ (step mod 2**32))."""
     mask = 0xFFFFFFFF
-    return tuple(quant.mix32((seed ^ quant.mix32(stream + 1)) & mask) for stream in (quant.STREAM_PARAM, quant.STREAM_MOMENTUM))
+    streams = (quant.STREAM_PARAM, quant.STREAM_MOMENTUM)
+    return tuple(quant.mix32((seed ^ quant.mix32(stream + 1)) & mask) for stream in streams)
 
 
 def rounding_keys_on_device(bases: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -225,9 +226,7 @@ def reference_step(
     tensor's place in the whole parameter, for a shard); None rounds to nearest even.
     """
     old = decode_momentum(momentum, fmt, block_size, compute_dtype)
-    new_param, new_momentum = lion_update(
-        param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps
-    )
+    new_param, new_momentum = lion_update(param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps)
     param_bits = momentum_bits = None
     if rounding_keys is not None:
         param_key, momentum_key = rounding_keys

@@ -40,7 +40,9 @@ def _assert_same(a, b, optimizer_a, optimizer_b):
         for key, value in optimizer_a.state[p].items():
             other = optimizer_b.state[q][key]
             if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(other).to(torch.as_tensor(value).device)), key
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(other).to(torch.as_tensor(value).device)), (
+                    key
+                )
             else:
                 assert value == other, key
 
@@ -51,12 +53,18 @@ def test_a_tensor_lr_under_a_schedule_gives_the_float_lr_bits(backend, state):
     plain_model, capturable_model = _model(), _model()
     plain = Lion(plain_model.parameters(), lr=LR, state=state, backend=backend, **OPTIONS)
     capturable = Lion(
-        capturable_model.parameters(), lr=torch.tensor(LR, dtype=torch.float64), state=state,
-        backend=backend, capturable=True, **OPTIONS,
+        capturable_model.parameters(),
+        lr=torch.tensor(LR, dtype=torch.float64),
+        state=state,
+        backend=backend,
+        capturable=True,
+        **OPTIONS,
     )
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (plain, capturable)]
     for step in range(4):
-        for model, optimizer, schedule in zip((plain_model, capturable_model), (plain, capturable), schedules, strict=True):
+        for model, optimizer, schedule in zip(
+            (plain_model, capturable_model), (plain, capturable), schedules, strict=True
+        ):
             _set_grads(model, step)
             optimizer.step()
             schedule.step()
@@ -115,8 +123,9 @@ def test_a_capturable_step_reads_no_tensor_on_the_host(backend, monkeypatch):
         return guarded
 
     model = _model()
-    optimizer = Lion(model.parameters(), lr=torch.tensor(LR, dtype=torch.float64), backend=backend, capturable=True,
-                     **OPTIONS)
+    optimizer = Lion(
+        model.parameters(), lr=torch.tensor(LR, dtype=torch.float64), backend=backend, capturable=True, **OPTIONS
+    )
     _set_grads(model, 0)
     optimizer.step()  # creating the state reads the lr once (a checkpointing step with lr 0 is not counted)
     with monkeypatch.context() as patch:

@@ -75,7 +75,11 @@ def test_quick_run_writes_csv_png_and_table(tmp_path, script, data):
     [
         # No `bible` on PATH: what a machine without bible-kjv sees.
         ("train_char_lm.py", ["--data", "kjv"], "apt-get install bible-kjv bible-kjv-text"),
-        ("train_fashion_mnist.py", ["--data", "fashion-mnist", "--data-dir", "{tmp}"], "apt-get install dataset-fashion-mnist"),
+        (
+            "train_fashion_mnist.py",
+            ["--data", "fashion-mnist", "--data-dir", "{tmp}"],
+            "apt-get install dataset-fashion-mnist",
+        ),
     ],
 )
 def test_missing_data_fails_with_one_line_that_says_how_to_get_it(tmp_path, script, args, hint):

@@ -30,7 +30,7 @@ def assert_unchanged(before, net, optimizer, ignore=(mom.STEP, mom.NONFINITE_SKI
     params, state = before
     for old, new in zip(params, net.parameters(), strict=True):
         assert torch.equal(old, new.detach())
-    for (p_old, entry_old), (p_new, entry_new) in zip(state.items(), optimizer.state.items(), strict=True):
+    for (_, entry_old), (_, entry_new) in zip(state.items(), optimizer.state.items(), strict=True):
         for key, value in entry_old.items():
             if key in ignore:
                 continue
@@ -193,7 +193,8 @@ def test_a_grad_reshaped_behind_autograds_back_is_rejected_naming_the_param():
     p.grad = torch.randn(3)
     optimizer = Lion([p])
     p.grad.data = torch.randn(4)
-    with pytest.raises(RuntimeError, match=r"Gradient of param_groups\[0\]\['params'\]\[0\] of shape \(3,\) has shape \(4,\)"):
+    message = r"Gradient of param_groups\[0\]\['params'\]\[0\] of shape \(3,\) has shape \(4,\)"
+    with pytest.raises(RuntimeError, match=message):
         optimizer.step()
     assert not optimizer.state
 
@@ -228,7 +229,8 @@ _RESUME = textwrap.dedent(
         optimizer.load_state_dict(checkpoint["optimizer"])
         train(range(5, 10))
         expected = torch.load(path + ".expected", weights_only=True)
-        same = all(torch.equal(a.view(torch.int16), b.detach().view(torch.int16)) for a, b in zip(expected, net.parameters()))
+        pairs = zip(expected, net.parameters(), strict=True)
+        same = all(torch.equal(a.view(torch.int16), b.detach().view(torch.int16)) for a, b in pairs)
         print("identical" if same else "DIFFERENT")
     """
 )
@@ -242,7 +244,10 @@ def test_checkpoint_written_mid_training_resumes_bit_exactly_in_a_fresh_process(
     for mode in ("write", "read"):
         result = subprocess.run(
             [sys.executable, str(script), mode, str(tmp_path / "run"), backend],
-            capture_output=True, text=True, timeout=300, env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
         )
         assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "identical"

@@ -124,15 +124,23 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     )
     if not valid:
         absmax_iterator = iter(absmaxes)
-        for index, (param, grad, buffer, fmt, offset) in enumerate(zip(params, grads, buffers, formats, offsets, strict=True)):
+        for index, (param, grad, buffer, fmt, offset) in enumerate(
+            zip(params, grads, buffers, formats, offsets, strict=True)
+        ):
             absmax = next(absmax_iterator) if fmt == 0 else None
             _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size)
         raise AssertionError("the tensors failed a check that no single tensor fails")
     absmax_pointers = iter(list(map(_data_ptr, absmaxes)))
     keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
     columns = (
-        map(_data_ptr, params), map(_data_ptr, grads), map(_data_ptr, buffers),
-        [next(absmax_pointers) if f == 0 else 0 for f in formats], numels, param_types, grad_types, formats,
+        map(_data_ptr, params),
+        map(_data_ptr, grads),
+        map(_data_ptr, buffers),
+        [next(absmax_pointers) if f == 0 else 0 for f in formats],
+        numels,
+        param_types,
+        grad_types,
+        formats,
         [_NO_KEY] * count if keys is None else [k[0] for k in keys],
         [_NO_KEY] * count if keys is None else [k[1] for k in keys],
         offsets,
@@ -140,9 +148,7 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     rows = array.array("q", itertools.chain.from_iterable(zip(*columns, strict=True)))
     positions = [index for index, numel in enumerate(numels) if numel]
     if len(positions) < count:  # zero-size tensors: nothing to do, and their pointers may be 0
-        rows = array.array("q", itertools.chain.from_iterable(
-            rows[i * _FIELDS:(i + 1) * _FIELDS] for i in positions
-        ))
+        rows = array.array("q", itertools.chain.from_iterable(rows[i * _FIELDS : (i + 1) * _FIELDS] for i in positions))
     return rows, positions
 
 
@@ -193,10 +199,18 @@ def _facts(params, buffers, absmaxes):
     # What a kernel relies on and a caller could change behind the same Python objects
     # (param.data = ..., a view of another dtype at the same address).
     return (
-        list(map(_data_ptr, params)), list(map(_data_ptr, buffers)), list(map(_data_ptr, absmaxes)),
-        list(map(_dtype, params)), list(map(_dtype, buffers)), list(map(_dtype, absmaxes)),
-        list(map(_numel, params)), list(map(_numel, buffers)), list(map(_numel, absmaxes)),
-        all(map(_contiguous, params)), all(map(_contiguous, buffers)), all(map(_contiguous, absmaxes)),
+        list(map(_data_ptr, params)),
+        list(map(_data_ptr, buffers)),
+        list(map(_data_ptr, absmaxes)),
+        list(map(_dtype, params)),
+        list(map(_dtype, buffers)),
+        list(map(_dtype, absmaxes)),
+        list(map(_numel, params)),
+        list(map(_numel, buffers)),
+        list(map(_numel, absmaxes)),
+        all(map(_contiguous, params)),
+        all(map(_contiguous, buffers)),
+        all(map(_contiguous, absmaxes)),
     )
 
 
@@ -221,7 +235,8 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     numels = cached.facts[6]
     if not (
         list(map(_numel, grads)) == numels
-        and all(map(_is_cpu, grads)) and all(map(_contiguous, grads))
+        and all(map(_is_cpu, grads))
+        and all(map(_contiguous, grads))
         and all(g == p or g == 0 for g, p in zip(grad_types, map(_DTYPES.get, cached.facts[3]), strict=True))
     ):
         return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
@@ -236,9 +251,16 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
 
 
 def _cpu_step(
-    params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor],
-    absmaxes: list[torch.Tensor], formats: list[int], step_scalars: torch.Tensor, flags: int,
-    block_size: int, rounding_keys: torch.Tensor | None, element_offsets: list[int],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    absmaxes: list[torch.Tensor],
+    formats: list[int],
+    step_scalars: torch.Tensor,
+    flags: int,
+    block_size: int,
+    rounding_keys: torch.Tensor | None,
+    element_offsets: list[int],
     cautious_steps: torch.Tensor | None,
 ) -> None:
     descriptors, positions = _cached_rows(
@@ -251,17 +273,26 @@ def _cpu_step(
         steps = cautious_steps[positions].float().contiguous()
     scalars = step_scalars.float().contiguous()
     _RUNTIME["library"].lion8bit_cpu_step(
-        _address(descriptors, cpu_build.INT64_P), len(positions),
+        _address(descriptors, cpu_build.INT64_P),
+        len(positions),
         None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
-        _pointer(scalars, cpu_build.FLOAT_P), flags, block_size,
+        _pointer(scalars, cpu_build.FLOAT_P),
+        flags,
+        block_size,
         _pointer(quant.codebook(), cpu_build.FLOAT_P),
-        _pointer(_RUNTIME["levels"], cpu_build.FLOAT_P), torch.get_num_threads(),
+        _pointer(_RUNTIME["levels"], cpu_build.FLOAT_P),
+        torch.get_num_threads(),
     )
 
 
 def _cpu_aligned_counts(
-    params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor],
-    absmaxes: list[torch.Tensor], formats: list[int], step_scalars: torch.Tensor, flags: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    absmaxes: list[torch.Tensor],
+    formats: list[int],
+    step_scalars: torch.Tensor,
+    flags: int,
     block_size: int,
 ) -> torch.Tensor:
     descriptors, positions = _cached_rows(params, grads, buffers, absmaxes, formats, None, (), block_size)
@@ -270,9 +301,13 @@ def _cpu_aligned_counts(
         found = torch.zeros(len(positions), dtype=torch.int64)
         scalars = step_scalars.float().contiguous()
         _RUNTIME["library"].lion8bit_cpu_aligned_counts(
-            _address(descriptors, cpu_build.INT64_P), len(positions),
-            _pointer(scalars, cpu_build.FLOAT_P), flags, block_size,
-            _pointer(quant.codebook(), cpu_build.FLOAT_P), _pointer(found, cpu_build.INT64_P),
+            _address(descriptors, cpu_build.INT64_P),
+            len(positions),
+            _pointer(scalars, cpu_build.FLOAT_P),
+            flags,
+            block_size,
+            _pointer(quant.codebook(), cpu_build.FLOAT_P),
+            _pointer(found, cpu_build.INT64_P),
             torch.get_num_threads(),
         )
         counts[positions] = found
@@ -288,8 +323,19 @@ cpu_aligned_counts = torch.library.custom_op("lion8bit::cpu_aligned_counts", mut
 
 
 @cpu_step.register_fake
-def _(params, grads, buffers, absmaxes, formats, step_scalars, flags, block_size, rounding_keys, element_offsets,
-      cautious_steps) -> None:
+def _(
+    params,
+    grads,
+    buffers,
+    absmaxes,
+    formats,
+    step_scalars,
+    flags,
+    block_size,
+    rounding_keys,
+    element_offsets,
+    cautious_steps,
+) -> None:
     return None
 
 
@@ -335,14 +381,23 @@ class CpuBackend:
         buffers, absmaxes, codes = _arguments(momenta, formats, len(params))
         step_scalars = _host_scalars(scalars) if step_scalars is None else step_scalars
         count = cpu_aligned_counts if torch.compiler.is_compiling() else _cpu_aligned_counts
-        counts = count(
-            params, grads, buffers, absmaxes, codes, step_scalars, _flags(scalars, False), block_size
-        )
+        counts = count(params, grads, buffers, absmaxes, codes, step_scalars, _flags(scalars, False), block_size)
         return list(counts.unbind())
 
     def lion_step(
-        self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
-        element_offsets=None, step_scalars=None,
+        self,
+        params,
+        grads,
+        momenta,
+        formats,
+        *,
+        scalars,
+        block_size,
+        rounding_keys,
+        cautious_steps,
+        skip,
+        element_offsets=None,
+        step_scalars=None,
     ):
         if skip is not None:
             raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
@@ -353,9 +408,15 @@ class CpuBackend:
             if rounding_keys is not None and not isinstance(rounding_keys, torch.Tensor):
                 rounding_keys = torch.tensor(rounding_keys, dtype=torch.int64).view(-1, 2)  # the op's schema
         step(
-            params, grads, buffers, absmaxes, codes,
+            params,
+            grads,
+            buffers,
+            absmaxes,
+            codes,
             _host_scalars(scalars) if step_scalars is None else step_scalars,
-            _flags(scalars, rounding_keys is not None), block_size, rounding_keys,
+            _flags(scalars, rounding_keys is not None),
+            block_size,
+            rounding_keys,
             list(element_offsets or []),
             None if cautious_steps is None else torch.stack(cautious_steps),
         )
