@@ -390,6 +390,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, model_file, c
     assert err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.slow  # a fresh process each
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "lion8bit"], ["lion8bit"]],
                          ids=["python-m", "console"])
 def test_console_entry_exit_codes(command):

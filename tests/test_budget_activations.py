@@ -122,6 +122,7 @@ class _CharModel(torch.nn.Module):
 
     def __init__(self, vocab=23, context=16, dim=32):
         super().__init__()
+        pytest.importorskip("tqdm")  # examples/_common.py's progress bar
         sys.path.insert(0, str(ROOT / "examples"))
         try:
             from train_char_lm import Block

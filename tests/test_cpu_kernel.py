@@ -115,6 +115,7 @@ except RuntimeError as error:
 """
 
 
+@pytest.mark.slow  # a fresh process each
 @pytest.mark.parametrize("compiler", ["/nonexistent/c++", "false"], ids=["missing", "failing"])
 def test_without_a_compiler_auto_quietly_takes_torch_and_cpu_raises(tmp_path, compiler):
     environment = {"CXX": compiler, "LION8BIT_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}

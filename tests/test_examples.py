@@ -16,10 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+pytest.importorskip("tqdm")  # the examples' progress bar: without it, skip rather than fail collection
 sys.path.insert(0, str(EXAMPLES))
 import _common as common  # noqa: E402  (the examples' shared module, not an installed package)
 
-pytestmark = pytest.mark.examples
+pytestmark = [pytest.mark.examples, pytest.mark.slow]  # each runs a script in a new process
 
 # script -> (the real data's --data name, is it installed, the CSV's metric column)
 SCRIPTS = {

@@ -236,6 +236,7 @@ _RESUME = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two fresh processes
 @pytest.mark.parametrize("backend", native_cpu_backends())
 def test_checkpoint_written_mid_training_resumes_bit_exactly_in_a_fresh_process(tmp_path, backend):
     script = tmp_path / "resume.py"

@@ -241,6 +241,7 @@ def optimizer_state(optimizer) -> dict:
 def hf_example():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    pytest.importorskip("tqdm")  # examples/_common.py's progress bar
     sys.path.insert(0, str(EXAMPLES))
     import hf_trainer
 

@@ -281,6 +281,7 @@ except RuntimeError as error:
 """
 
 
+@pytest.mark.slow  # a fresh process
 def test_without_triton_import_works_and_backend_triton_raises():
     result = _fresh_python(_STEP_WITH_TRITON, hide_triton=True)
     assert result.returncode == 0, result.stderr
@@ -288,6 +289,7 @@ def test_without_triton_import_works_and_backend_triton_raises():
     assert 'RuntimeError: backend="triton" needs the triton package' in result.stdout
 
 
+@pytest.mark.slow  # a fresh process
 def test_cpu_tensors_without_the_interpreter_raise_clearly():
     result = _fresh_python(_STEP_WITH_TRITON, hide_triton=False)
     assert result.returncode == 0, result.stderr
@@ -313,6 +315,7 @@ print("state entries:", len(optimizer.state))
 """
 
 
+@pytest.mark.slow  # a fresh process
 def test_interpreter_set_after_the_kernels_were_decorated_is_refused_before_any_change():
     # What the kernels can run on was fixed when @triton.jit ran, so the optimizer's check
     # before the step must ask the kernels, not the variable now.

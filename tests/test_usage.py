@@ -124,6 +124,7 @@ COMPILED_OUTPUT_ATOL = 1e-5
 STEP_MOVES_OUTPUTS_BY = 1e-3
 
 
+@pytest.mark.slow  # Inductor compiles the model: ~15 s
 def test_a_compiled_model_sees_every_update_and_its_grads_step_as_the_reference():
     """torch.compile(model) trained with Lion: each step updates the params the compiled graph
     reads (its next output is the eager model's on the new params, not a stale one), and the
