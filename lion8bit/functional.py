@@ -17,6 +17,7 @@ backends (:mod:`lion8bit.kernels`) only compute. What is decided here, once for 
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Callable
 
 import torch
@@ -77,6 +78,17 @@ def _key_bases(seeds: list[int], device: torch.device) -> torch.Tensor:
     return bases
 
 
+def _buffers_contiguous(entries: list[dict], formats: list[str]) -> bool:
+    if formats and formats.count(formats[0]) == len(formats) and not torch.compiler.is_compiling():
+        # One format (the common group): a C-level pass per buffer key (eager only: Dynamo cannot
+        # trace an itemgetter call, torch 2.13).
+        keys = BUFFER_KEYS[formats[0]]
+        return all(all(map(torch.Tensor.is_contiguous, map(itemgetter(key), entries))) for key in keys)
+    return all(
+        entry[key].is_contiguous() for entry, fmt in zip(entries, formats, strict=True) for key in BUFFER_KEYS[fmt]
+    )
+
+
 def lion(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -126,7 +138,7 @@ def lion(
     local_params = params if all(map(contiguous, params)) else [staging.write(param) for param in params]
     local_grads = grads if all(map(contiguous, grads)) else [staging.read(grad) for grad in grads]
     momenta = entries
-    if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats, strict=True) for key in BUFFER_KEYS[fmt]):
+    if not _buffers_contiguous(entries, formats):
         momenta = [
             {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]}
             for entry, fmt in zip(entries, formats, strict=True)

@@ -273,11 +273,11 @@ class Lion(Optimizer):
             rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
             sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
-            kind, min_8bit_size = group["state"], group["min_8bit_size"]
+            kind, min_8bit_size, codes = group["state"], group["min_8bit_size"], mom.MOMENTUM_CODES
             needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
             for index, param, grad, entry, device in params:
                 fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
-                if needs_prepare or not entry or not _holds(entry, fmt):
+                if needs_prepare or not entry or not (codes in entry if fmt == "8bit" else _holds(entry, fmt)):
                     fresh = not entry
                     entry = self._prepare(param, group, index, fmt)
                     if not (fresh and _lr_is_zero(group["lr"])):
@@ -361,15 +361,17 @@ class Lion(Optimizer):
                     continue
                 # _grad_fits, inlined: the common case costs a few comparisons per param
                 plain = type(grad) in _PLAIN and type(param) in _PLAIN
+                device = param.device
                 if not (
                     (grad.dtype is param.dtype or grad.dtype is torch.float32)
                     and grad.shape == param.shape
-                    and grad.device == param.device
+                    and grad.device == device
                     and not grad.is_sparse
                     and (plain or sharded.same_layout(grad, param))
                 ):
                     self._check_grad(param, grad, param_label(group_index, position, group, param))
-                device = param.device if plain else sharded.local(param).device
+                if not plain:
+                    device = sharded.local(param).device
                 if device not in checked_devices:
                     try:
                         kernels.resolve(group["backend"], device)

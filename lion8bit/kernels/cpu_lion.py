@@ -189,7 +189,10 @@ class _Rows:
 
     def __init__(self, params, buffers, absmaxes, rows, positions):
         self.rows, self.positions = rows, positions
+        self.every = list(positions) == list(range(len(params)))  # no empty tensor left out
         self.facts = _facts(params, buffers, absmaxes)
+        self.numels = self.facts[2][: len(params)]
+        self.param_types = list(map(_DTYPES.get, self.facts[1][: len(params)]))
 
     def fits(self, params, buffers, absmaxes) -> bool:
         return _facts(params, buffers, absmaxes) == self.facts
@@ -197,20 +200,14 @@ class _Rows:
 
 def _facts(params, buffers, absmaxes):
     # What a kernel relies on and a caller could change behind the same Python objects
-    # (param.data = ..., a view of another dtype at the same address).
+    # (param.data = ..., a view of another dtype at the same address): addresses, dtypes, sizes
+    # (params first) and contiguity, in one pass per attribute over all the tensors.
+    tensors = [*params, *buffers, *absmaxes]
     return (
-        list(map(_data_ptr, params)),
-        list(map(_data_ptr, buffers)),
-        list(map(_data_ptr, absmaxes)),
-        list(map(_dtype, params)),
-        list(map(_dtype, buffers)),
-        list(map(_dtype, absmaxes)),
-        list(map(_numel, params)),
-        list(map(_numel, buffers)),
-        list(map(_numel, absmaxes)),
-        all(map(_contiguous, params)),
-        all(map(_contiguous, buffers)),
-        all(map(_contiguous, absmaxes)),
+        list(map(_data_ptr, tensors)),
+        list(map(_dtype, tensors)),
+        list(map(_numel, tensors)),
+        all(map(_contiguous, tensors)),
     )
 
 
@@ -232,17 +229,23 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
         return rows, positions
     positions = cached.positions
     grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
-    numels = cached.facts[6]
     if not (
-        list(map(_numel, grads)) == numels
+        list(map(_numel, grads)) == cached.numels
         and all(map(_is_cpu, grads))
         and all(map(_contiguous, grads))
-        and all(g == p or g == 0 for g, p in zip(grad_types, map(_DTYPES.get, cached.facts[3]), strict=True))
+        and (
+            grad_types == cached.param_types
+            or all(g == p or g == 0 for g, p in zip(grad_types, cached.param_types, strict=True))
+        )
     ):
         return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
     rows = array.array("q", cached.rows)
-    rows[1::_FIELDS] = array.array("q", [grads[i].data_ptr() for i in positions])
-    rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
+    if cached.every:
+        rows[1::_FIELDS] = array.array("q", map(_data_ptr, grads))
+        rows[6::_FIELDS] = array.array("q", grad_types)
+    else:
+        rows[1::_FIELDS] = array.array("q", [grads[i].data_ptr() for i in positions])
+        rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
     if rounding_keys is not None:
         keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
         rows[8::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
@@ -348,6 +351,19 @@ def _arguments(momenta, formats, count: int):
     """The op's arguments from the contract's: (buffers, absmaxes of the 8-bit ones, format codes)."""
     if not len(momenta) == len(formats) == count:
         raise ValueError('Invalid call of backend="cpu": lists of different lengths')
+    if count and formats.count(formats[0]) == count and formats[0] in _FORMATS and not torch.compiler.is_compiling():
+        # One format for every tensor (the common group): C-level passes, no per-tensor branches
+        # (eager only: Dynamo cannot trace an itemgetter call, torch 2.13).
+        try:
+            if formats[0] == "8bit":
+                return (
+                    list(map(_codes_of, momenta)),
+                    list(map(_absmax_of, momenta)),
+                    [0] * count,
+                )
+            return list(map(_momentum_of, momenta)), [], [_FORMATS[formats[0]]] * count
+        except KeyError:
+            pass  # a missing buffer: the loop below names the tensor
     buffers, absmaxes, codes = [], [], []
     for index, (momentum, fmt) in enumerate(zip(momenta, formats, strict=True)):
         code = _FORMATS.get(fmt)
@@ -364,9 +380,27 @@ def _arguments(momenta, formats, count: int):
     return buffers, absmaxes, codes
 
 
+_codes_of = operator.itemgetter(mom.MOMENTUM_CODES)
+_absmax_of = operator.itemgetter(mom.MOMENTUM_ABSMAX)
+_momentum_of = operator.itemgetter(mom.MOMENTUM)
+
+
+_HOST_SCALARS: dict[tuple, torch.Tensor] = {}  # a few lr values at a time; cleared when full
+
+
 def _host_scalars(scalars) -> torch.Tensor:
-    # Rounded to fp32 once, as torch rounds a Python float operand of an fp32 tensor op.
-    return torch.tensor([getattr(scalars, name) for name in STEP_SCALARS], dtype=torch.float32)
+    # Rounded to fp32 once, as torch rounds a Python float operand of an fp32 tensor op. Kept by
+    # value: a constant lr makes the same tensor every step (torch.tensor cost 0.4 us per tensor
+    # of a 300-tensor step in benchmarks/host_cost.py), and the kernel only reads it.
+    values = tuple(getattr(scalars, name) for name in STEP_SCALARS)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32)
+    tensor = _HOST_SCALARS.get(values)
+    if tensor is None:
+        if len(_HOST_SCALARS) >= 16:
+            _HOST_SCALARS.clear()
+        tensor = _HOST_SCALARS[values] = torch.tensor(values, dtype=torch.float32)
+    return tensor
 
 
 class CpuBackend:
