@@ -346,6 +346,7 @@ def report_rows(module) -> list[dict]:
         accesses, count_accesses = step.accesses(), count.accesses()
         unaligned = compile_step(module, Variant(param, grad, fmt, aligned=False), capability)
         usage = step.usage()
+        capturable = compile_step(module, Variant(param, grad, fmt, device_scalars=True), capability).usage()
         moved = element_bytes(accesses, per_thread, variant.block_size)
         prepass = element_bytes(count_accesses, per_thread, variant.block_size)
         rows.append(
@@ -353,7 +354,8 @@ def report_rows(module) -> list[dict]:
                 "target": f"sm_{capability} ({gpu})",
                 "param/grad/state": f"{param}/{grad}/{fmt}",
                 "registers": usage["REG"],
-                "spill+stack bytes": usage["LOCAL"] + usage["STACK"],
+                "registers (capturable)": capturable["REG"],
+                "spill+stack bytes": usage["LOCAL"] + usage["STACK"] + capturable["LOCAL"] + capturable["STACK"],
                 "shared bytes": step.kernel.metadata.shared,
                 "vector bits (aligned launch)": vector_bits(accesses),
                 "vector bits (other launch)": vector_bits(unaligned.accesses()),

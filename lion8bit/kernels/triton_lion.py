@@ -16,9 +16,13 @@ values (rounding keys, cautious step sizes) are separate small tensors, never in
 
 The launches are wrapped in ``torch.library`` custom ops (``lion8bit::triton_lion_step``,
 ``lion8bit::triton_aligned_counts``), so torch.compile sees one opaque node per call instead of
-tracing into the launcher. Not ``triton_op`` + ``wrap_triton``: those trace the body with
-FakeTensors, which have no ``data_ptr()`` to put in a table, and functionalize a kernel by the
-tensors passed to it as arguments, while this one writes tensors it reaches through addresses.
+tracing into the launcher (Dynamo: one graph, no break; tests/test_triton_kernel.py). Not
+``triton_op`` + ``wrap_triton``: those trace the body with FakeTensors, which have no
+``data_ptr()`` to put in a table, and functionalize a kernel by the tensors passed to it as
+arguments, while this one writes tensors it reaches through addresses. And with interpreted
+kernels (the tests' CPU runs) even a one-tensor ``triton_op`` fails opcheck's fake-tensor test
+and torch.compile: the interpreter's launcher reads its FakeTensor arguments' storage (seen with
+torch 2.13 and triton 3.9).
 """
 
 from __future__ import annotations

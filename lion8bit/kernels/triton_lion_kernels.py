@@ -216,13 +216,17 @@ def _find_row(first_tiles, rows, tile):
 
 
 @triton.jit
-def _momentum_pointer(address, FORMAT: tl.constexpr):
+def _momentum_pointer(address, FORMAT: tl.constexpr, ALIGNED: tl.constexpr):
     if FORMAT == "8bit":
         pointer = address.to(tl.pointer_type(tl.uint8))
     elif FORMAT == "bf16":
         pointer = address.to(tl.pointer_type(tl.bfloat16))
     else:
         pointer = address.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        # Here, not on the returned value: triton 3.6 drops a hint put on a helper's result
+        # (the momentum's accesses compiled to scalars; 3.9 keeps it).
+        pointer = tl.multiple_of(pointer, 16)
     return pointer
 
 
@@ -281,12 +285,11 @@ def _aligned_count_kernel(
     program = tl.program_id(0).to(tl.int64)
     row = _find_row(first_tiles, rows, program)
     grad_ptr = tl.load(grad_ptrs + row).to(tl.pointer_type(GRAD_TYPE))
-    momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT)
+    momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT, ALIGNED)
     absmax_ptr = tl.load(absmax_ptrs + row).to(tl.pointer_type(tl.float32))
     numel = tl.load(numels + row)
     if ALIGNED:  # the launcher put only 16-byte-aligned tensors of numel % 16 == 0 here
         grad_ptr = tl.multiple_of(grad_ptr, 16)
-        momentum_ptr = tl.multiple_of(momentum_ptr, 16)
         numel = tl.multiple_of(numel, 16)
     if DEVICE_SCALARS:
         beta1 = tl.load(step_scalars_ptr)
@@ -335,13 +338,12 @@ def _lion_step_kernel(
     row = _find_row(first_tiles, rows, program)
     param_ptr = tl.load(param_ptrs + row).to(tl.pointer_type(PARAM_TYPE))
     grad_ptr = tl.load(grad_ptrs + row).to(tl.pointer_type(GRAD_TYPE))
-    momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT)
+    momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT, ALIGNED)
     absmax_ptr = tl.load(absmax_ptrs + row).to(tl.pointer_type(tl.float32))
     numel = tl.load(numels + row)
     if ALIGNED:  # the launcher put only 16-byte-aligned tensors of numel % 16 == 0 here
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
-        momentum_ptr = tl.multiple_of(momentum_ptr, 16)
         numel = tl.multiple_of(numel, 16)
     slot = tl.load(slots + row)
     if DEVICE_SCALARS:  # capturable: an LR schedule between CUDA-graph replays is seen
