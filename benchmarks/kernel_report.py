@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import os
 import platform
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 TARGETS = {80: ("A100", 2.0e12), 90: ("H100", 3.35e12)}  # compute capability -> (GPU, bytes/s)
@@ -346,7 +347,7 @@ def report_rows(module) -> list[dict]:
         accesses, count_accesses = step.accesses(), count.accesses()
         unaligned = compile_step(module, Variant(param, grad, fmt, aligned=False), capability)
         usage = step.usage()
-        capturable = compile_step(module, Variant(param, grad, fmt, device_scalars=True), capability).usage()
+        capturable = compile_step(module, replace(variant, device_scalars=True), capability).usage()
         moved = element_bytes(accesses, per_thread, variant.block_size)
         prepass = element_bytes(count_accesses, per_thread, variant.block_size)
         rows.append(
@@ -355,7 +356,7 @@ def report_rows(module) -> list[dict]:
                 "param/grad/state": f"{param}/{grad}/{fmt}",
                 "registers": usage["REG"],
                 "registers (capturable)": capturable["REG"],
-                "spill+stack bytes": usage["LOCAL"] + usage["STACK"] + capturable["LOCAL"] + capturable["STACK"],
+                "spill+stack bytes": sum(u["LOCAL"] + u["STACK"] for u in (usage, capturable)),
                 "shared bytes": step.kernel.metadata.shared,
                 "vector bits (aligned launch)": vector_bits(accesses),
                 "vector bits (other launch)": vector_bits(unaligned.accesses()),
@@ -410,7 +411,7 @@ def count_launches(
     import lion8bit.kernels.triton_lion as launcher
     from lion8bit import momentum as mom
     from lion8bit.budget import catalog_model
-    from lion8bit.functional import lion
+    from lion8bit.functional import BUFFER_KEYS, lion
     from lion8bit.reference import lion_scalars
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -426,6 +427,13 @@ def count_launches(
     keys_position = launcher.fused._lion_step_kernel.arg_names.index("rounding_keys_ptr")
     step, count = Recorder(), Recorder()
     tables = launcher.TableCache()
+
+    def one_step():
+        step.launches.clear()
+        count.launches.clear()
+        lion(params, grads, entries, formats, scalars=lion_scalars(group), block_size=block_size,
+             stochastic_rounding=stochastic, backend="triton")
+
     with contextlib.ExitStack() as stack:
         for owner, name, value in [
             (launcher.fused, "_lion_step_kernel", step), (launcher.fused, "_aligned_count_kernel", count),
@@ -435,10 +443,21 @@ def count_launches(
             setattr(owner, name, value)
         for _ in range(2):
             builds = tables.builds
-            step.launches.clear()
-            count.launches.clear()
-            lion(params, grads, entries, formats, scalars=lion_scalars(group), block_size=block_size,
-                 stochastic_rounding=stochastic, backend="triton")
+            one_step()
+        second = tables.builds - builds
+        # The launcher's own host work per step (the plan: a few attribute reads per tensor, the
+        # cache lookup), and with every table to build again (every storage moved). Timed apart
+        # from the functional: meta tensors run the small torch ops as Python reference code.
+        momenta = [
+            {key: entry[key] for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats, strict=True)
+        ]
+        buffers, codes = launcher._flat_buffers(momenta, formats)
+
+        def plan():
+            return launcher.plan_launches(params, grads, buffers, codes, None, block_size)
+
+        warm = _least_seconds(plan)
+        cold = _least_seconds(plan, before=lambda: setattr(launcher, "TABLES", launcher.TableCache()))
     keys = {id(args[keys_position]): args[keys_position].nbytes for _, args, _ in step.launches
             if args[keys_position] is not None}
     return {
@@ -447,9 +466,25 @@ def count_launches(
         "step launches": len(step.launches),
         "pre-pass launches": len(count.launches),
         "table bytes": tables.nbytes,
-        "table builds, second step": tables.builds - builds,
+        "table builds, second step": second,
         "keys bytes per step": sum(keys.values()),
+        "launcher host us per step": warm * 1e6,
+        "launcher host us to rebuild the tables": (cold - warm) * 1e6,
     }
+
+
+def _least_seconds(function, before=None, repeats: int = 30) -> float:
+    """The least time of ``repeats`` calls: on a shared machine the others measure the load."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def launch_rows() -> list[dict]:
@@ -466,6 +501,8 @@ def launch_rows() -> list[dict]:
                 "table bytes (device, cached)": counted["table bytes"],
                 "keys bytes/step (host to device)": counted["keys bytes per step"],
                 "table builds on the second step": counted["table builds, second step"],
+                "launcher host us/step": round(counted["launcher host us per step"]),
+                "+ us to rebuild the tables": round(counted["launcher host us to rebuild the tables"]),
             })
     return rows
 
@@ -514,7 +551,12 @@ def markdown(rows: list[dict], launches: list[dict]) -> str:
         "launch tables (one launch per tensor, and one more per tensor for the pre-pass). Keys: "
         "the per-step int64 [n, 2] stochastic-rounding keys, one non_blocking copy. Besides the "
         "launches, a step issues a few small torch ops per group (the keys' copy; with caution, "
-        "the counts' zeroing, the step sizes and their stack).",
+        "the counts' zeroing, the step sizes and their stack). Launcher host us: the least time "
+        "(of 30) of the launcher's planning of one step (plan_launches in lion8bit/kernels/triton_lion.py: "
+        "per tensor a few attribute reads, then the table cache's lookup), without the launches "
+        "themselves, on this machine (load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs when written); \"to rebuild\": what a "
+        "step whose tables all had to be built again (every storage moved) adds.",
         "",
         *_table(launches),
     ]
