@@ -188,10 +188,13 @@ def test_device_scalars_are_six_loads_and_keep_the_vectors(module, capability, c
 
 @pytest.mark.parametrize("capability", TARGETS)
 def test_no_fma_contraction_and_a_correctly_rounded_reciprocal(compiled, capability):
-    # The reference rounds each product and sum; enable_fp_fusion=False must keep them apart.
-    ptx = compiled("step", report.Variant("fp32", "fp32", "8bit"), capability).kernel.asm["ptx"]
-    assert not re.search(r"\bfma\.", ptx)
-    assert re.search(r"\bmul\.rn\.f32|\bmul\.f32", ptx) and re.search(r"\b(add|sub)(\.rn)?\.f32", ptx)
+    # The reference rounds each product and sum; enable_fp_fusion=False must keep them apart,
+    # in the pre-pass too (its count is of sign(m*beta1 + g*(1 - beta1))).
+    for kind in ("count", "step"):
+        ptx = compiled(kind, report.Variant("fp32", "fp32", "8bit"), capability).kernel.asm["ptx"]
+        assert not re.search(r"\bfma\.", ptx), kind
+        assert re.search(r"\bmul\.rn\.f32|\bmul\.f32", ptx) and re.search(r"\b(add|sub)(\.rn)?\.f32", ptx)
+    # the step's PTX:
     assert re.search(r"\bdiv\.rn\.f32", ptx)  # 1 / absmax, as torch.reciprocal
     assert not re.search(r"\bdiv\.(full|approx)\.f32", ptx)
 
@@ -290,6 +293,27 @@ def test_one_launch_per_format_for_a_model_in_one_group(model, tensors):
     assert tensors * 64 < plain["table bytes"] <= (tensors + 2 * formats) * 64
     assert cautious["table builds, second step"] == 0  # the same tensors: the cached tables
     assert plain["keys bytes per step"] == tensors * 16
+
+
+def test_every_launch_turns_fma_contraction_off(module, monkeypatch):
+    """The compile checks above compile as the launcher launches: with enable_fp_fusion=False
+    for the step and for the pre-pass (triton 3.9 fuses by default, the interpreter never)."""
+    recorders = {name: _Recorder() for name in ("_lion_step_kernel", "_aligned_count_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(module.fused, name, recorder)
+    monkeypatch.setattr(module, "INTERPRETED", True)  # CPU tensors pass; nothing is launched
+    params = [torch.zeros(4096), torch.zeros(300, dtype=torch.bfloat16)]
+    grads = [torch.zeros_like(p) for p in params]
+    momenta = [mom.new_momentum(params[0], "8bit", 256), mom.new_momentum(params[1], "fp32", 256)]
+    scalars = lion_scalars(dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, cautious_factor=0.5))
+    backend = module.load()
+    counts = backend.aligned_counts(params, grads, momenta, ["8bit", "fp32"], scalars=scalars, block_size=256)
+    backend.lion_step(params, grads, momenta, ["8bit", "fp32"], scalars=scalars, block_size=256,
+                      rounding_keys=None, cautious_steps=[torch.ones(2)] * 2, skip=None)
+    assert len(counts) == 2
+    for recorder in recorders.values():
+        assert len(recorder.launches) == 2  # one per format
+        assert all(kwargs["enable_fp_fusion"] is False for _, _, kwargs in recorder.launches)
 
 
 def test_cpu_tensors_raise_without_the_interpreter(module):

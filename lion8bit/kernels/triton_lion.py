@@ -237,6 +237,9 @@ def _aligned_counts(
                 DEVICE_SCALARS=step_scalars is not None, ALIGNED=kind.aligned,
                 QUANT_BLOCK=quant_block, ROWS=rows,
                 num_warps=fused._NUM_WARPS,
+                # As in the step: c = m*beta1 + g*(1 - beta1) fused into one rounding can flip
+                # the sign of a c near 0, and so the count (the interpreter never fuses).
+                enable_fp_fusion=False,
             )
     return counts
 
