@@ -12,6 +12,9 @@ memory floor (those bytes / the bandwidth of a large in-memory copy, measured ri
 optimizer's steps); the optimizer state's bytes; and how much the peak resident memory grows
 during one step (Linux: VmHWM after resetting it).
 
+Optimizers are named as everywhere in the project (``lion8bit/budget/optimizers.py``); how one
+ran (lion8bit's backend, a foreach implementation) is the ``backend`` column, not part of its name.
+
 The machine is shared and noisy: the headline figures are ratios within one run. Results go to
 a CSV (one row per optimizer and problem, with the machine, versions, time and load average)
 and a markdown table.
@@ -38,6 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -67,7 +71,7 @@ class Problem:
     name: str
     shapes: list
     dtype: torch.dtype
-    optimizers: list  # names from OPTIMIZERS
+    optimizers: list  # keys of OPTIMIZERS: (optimizer name, backend)
     params: list = field(default_factory=list)
 
     @property
@@ -113,23 +117,38 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=True)
 
 
-# name -> (label, state, backend, factory)
+@dataclass(frozen=True)
+class Variant:
+    optimizer: str  # its name in lion8bit.budget.optimizers.OPTIMIZER_NAMES
+    backend: str  # how it runs: lion8bit's backend, torch's or lion-pytorch's implementation ("": one)
+    implementation: str
+    state_kind: str
+    factory: Callable
+
+
+# (optimizer name, backend) -> how to make it. The names are the vocabulary's, shared with
+# `lion8bit budget` and the examples; the backend is a column of its own, not part of the name.
 OPTIMIZERS = {
-    "lion8bit-cpu-8bit": ("lion8bit.Lion", "8bit", "cpu", _lion8bit("8bit", "cpu")),
-    "lion8bit-cpu-bf16": ("lion8bit.Lion", "bf16", "cpu", _lion8bit("bf16", "cpu")),
-    "lion8bit-cpu-fp32": ("lion8bit.Lion", "fp32", "cpu", _lion8bit("fp32", "cpu")),
-    "lion8bit-torch-8bit": ("lion8bit.Lion", "8bit", "torch", _lion8bit("8bit", "torch")),
-    "lion8bit-torch-bf16": ("lion8bit.Lion", "bf16", "torch", _lion8bit("bf16", "torch")),
-    "lion8bit-torch-fp32": ("lion8bit.Lion", "fp32", "torch", _lion8bit("fp32", "torch")),
-    "bitsandbytes": ("bitsandbytes.optim.Lion8bit", "8bit", "", _bitsandbytes),
-    "lion-pytorch": ("lion_pytorch.Lion", "param dtype", "", _lion_pytorch),
-    "lion-pytorch-foreach": ("lion_pytorch.foreach.Lion", "param dtype", "", _lion_pytorch_foreach),
-    "adamw-foreach": ("torch.optim.AdamW(foreach)", "param dtype x2", "", _adamw),
+    (variant.optimizer, variant.backend): variant
+    for variant in (
+        Variant("lion8bit", "cpu", "lion8bit.Lion", "8bit", _lion8bit("8bit", "cpu")),
+        Variant("lion8bit-bf16", "cpu", "lion8bit.Lion", "bf16", _lion8bit("bf16", "cpu")),
+        Variant("lion8bit-fp32", "cpu", "lion8bit.Lion", "fp32", _lion8bit("fp32", "cpu")),
+        Variant("lion8bit", "torch", "lion8bit.Lion", "8bit", _lion8bit("8bit", "torch")),
+        Variant("lion8bit-bf16", "torch", "lion8bit.Lion", "bf16", _lion8bit("bf16", "torch")),
+        Variant("lion8bit-fp32", "torch", "lion8bit.Lion", "fp32", _lion8bit("fp32", "torch")),
+        Variant("bnb-lion8bit", "", "bitsandbytes.optim.Lion8bit", "8bit", _bitsandbytes),
+        Variant("lion-pytorch", "for-loop", "lion_pytorch.Lion", "param dtype", _lion_pytorch),
+        Variant("lion-pytorch", "foreach", "lion_pytorch.foreach.Lion", "param dtype", _lion_pytorch_foreach),
+        Variant("adamw", "foreach", "torch.optim.AdamW(foreach)", "param dtype x2", _adamw),
+    )
 }
-FUSED = [name for name in OPTIMIZERS if "-cpu-" in name]
-PEERS = ["bitsandbytes", "lion-pytorch", "lion-pytorch-foreach", "adamw-foreach"]
-REFERENCE = [name for name in OPTIMIZERS if "-torch-" in name]
-HEADLINE = "lion8bit-cpu-8bit"
+FUSED = [key for key in OPTIMIZERS if key[1] == "cpu"]
+PEERS = [
+    ("bnb-lion8bit", ""), ("lion-pytorch", "for-loop"), ("lion-pytorch", "foreach"), ("adamw", "foreach")
+]
+REFERENCE = [key for key in OPTIMIZERS if key[1] == "torch"]
+HEADLINE = ("lion8bit", "cpu")
 
 
 def problems(quick: bool) -> list[Problem]:
@@ -219,9 +238,9 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def measure(problem: Problem, name: str, steps: int) -> dict:
-    label, state_kind, backend, factory = OPTIMIZERS[name]
-    optimizer = factory(problem.params)
+def measure(problem: Problem, key: tuple[str, str], steps: int) -> dict:
+    variant = OPTIMIZERS[key]
+    optimizer = variant.factory(problem.params)
     start = time.perf_counter()
     optimizer.step()
     first = time.perf_counter() - start
@@ -239,7 +258,8 @@ def measure(problem: Problem, name: str, steps: int) -> dict:
     median = statistics.median(times)
     moved = 2 * param_bytes + grad_bytes + 2 * state
     return dict(
-        optimizer=name, implementation=label, state_kind=state_kind, backend=backend, state_bytes=state,
+        optimizer=variant.optimizer, implementation=variant.implementation, state_kind=variant.state_kind,
+        backend=variant.backend, state_bytes=state,
         steps=steps, first_step_ms=first * 1e3, median_ms=median * 1e3,
         p20_ms=percentile(times, 0.2) * 1e3, p80_ms=percentile(times, 0.8) * 1e3,
         bytes_moved=moved, gbps=moved / median / 1e9, peak_growth_mib=growth,
@@ -340,7 +360,9 @@ def write_csv(rows, path: Path):
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: (f"{value:.4g}" if isinstance(value, float) else value) for key, value in row.items()})
+            writer.writerow(
+                {key: (f"{value:.4g}" if isinstance(value, float) else value) for key, value in row.items()}
+            )
 
 
 def _fmt(value, spec=".1f", missing="n/a"):
@@ -356,28 +378,29 @@ def markdown(rows, env: dict, command: str) -> str:
         f"Reproduce: `{command}`.",
         "",
         "Headline (same-run ratios): lion8bit's fused 8-bit step against the memory floor and the peers "
-        "(x = times slower than lion8bit `cpu` 8-bit).",
+        "(x = times slower than `lion8bit` on backend `cpu`; optimizer (backend)).",
         "",
-        "| problem | params | lion8bit cpu 8-bit ms | floor ms | x floor | bitsandbytes Lion8bit | "
-        "lion-pytorch Lion | lion-pytorch foreach | AdamW foreach | peak growth MiB | load |",
+        "| problem | params | lion8bit (cpu) ms | floor ms | x floor | "
+        + " | ".join(f"{name} ({backend})" if backend else name for name, backend in PEERS)
+        + " | peak growth MiB | load |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     by_problem = {}
     for row in rows:
         by_problem.setdefault((row["problem"], row["param_dtype"]), []).append(row)
     for (problem, dtype), group in by_problem.items():
-        named = {row["optimizer"]: row for row in group}
+        named = {(row["optimizer"], row["backend"]): row for row in group}
         ours = named.get(HEADLINE)
         if ours is None:
             continue
 
-        def ratio(name):
-            row = named.get(name)
+        def ratio(key, named=named):
+            row = named.get(key)
             return f"{row['x_lion8bit']:.1f}x" if row else "-"
 
         lines.append(
             f"| {problem} | {dtype} | {ours['median_ms']:.1f} | {ours['floor_ms']:.1f} | {ours['x_floor']:.2f} | "
-            + " | ".join(ratio(name) for name in PEERS)
+            + " | ".join(ratio(key) for key in PEERS)
             + f" | {_fmt(ours['peak_growth_mib'])} | {ours['load_before']:.1f}-{ours['load_after']:.1f} |"
         )
     lines += [
@@ -387,13 +410,14 @@ def markdown(rows, env: dict, command: str) -> str:
         f"bytes / the bandwidth (read + write) of copying {rows[0]['copy_mib']} MiB, measured right before "
         "each row; load = the 1-minute load average before and after the row):",
         "",
-        "| problem | params | optimizer | state | backend | first step ms | median ms | p20-p80 ms | GB/s | "
-        "copy GB/s | x floor | x lion8bit | state MiB | peak growth MiB | load |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| problem | params | optimizer | implementation | state | backend | first step ms | median ms | "
+        "p20-p80 ms | GB/s | copy GB/s | x floor | x lion8bit | state MiB | peak growth MiB | load |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['problem']} | {row['param_dtype']} | {row['implementation']} | {row['state_kind']} | "
+            f"| {row['problem']} | {row['param_dtype']} | {row['optimizer']} | {row['implementation']} | "
+            f"{row['state_kind']} | "
             f"{row['backend'] or '-'} | {row['first_step_ms']:.0f} | {row['median_ms']:.1f} | "
             f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f} | {row['gbps']:.1f} | {row['copy_gbps']:.1f} | "
             f"{row['x_floor']:.2f} | {row['x_lion8bit']:.2f} | {row['state_bytes'] / MIB:.1f} | "
@@ -427,29 +451,42 @@ def main(argv=None) -> int:
         for case in cases:
             case.materialize()
             measured = []
-            for name in case.optimizers:
-                bar.set_description(f"{case.name} {_dtype_name(case.dtype)} {name}")
+            for key in case.optimizers:
+                bar.set_description(f"{case.name} {_dtype_name(case.dtype)} {' '.join(filter(None, key))}")
                 load_before = os.getloadavg()[0]
                 # The floor's bandwidth right before each row: the machine is shared, and its
                 # load changes within a problem.
                 bandwidth = copy_bandwidth(copy_bytes)
-                row = measure(case, name, args.steps)
+                row = measure(case, key, args.steps)
                 floor_ms = row["bytes_moved"] / (bandwidth * 1e9) * 1e3
-                measured.append({
-                    **row, "copy_gbps": bandwidth, "copy_mib": copy_bytes // MIB, "floor_ms": floor_ms,
-                    "x_floor": row["median_ms"] / floor_ms, "load_before": load_before,
-                    "load_after": os.getloadavg()[0],
-                })
+                measured.append(
+                    {
+                        **row,
+                        "copy_gbps": bandwidth,
+                        "copy_mib": copy_bytes // MIB,
+                        "floor_ms": floor_ms,
+                        "x_floor": row["median_ms"] / floor_ms,
+                        "load_before": load_before,
+                        "load_after": os.getloadavg()[0],
+                    }
+                )
                 bar.update()
-            baseline = next((row["median_ms"] for row in measured if row["optimizer"] == HEADLINE), None)
+            baseline = next(
+                (row["median_ms"] for row in measured if (row["optimizer"], row["backend"]) == HEADLINE), None
+            )
             for row in measured:
-                rows.append({
-                    **env,
-                    "problem": case.name, "param_dtype": _dtype_name(case.dtype), "numel": case.numel,
-                    "tensors": len(case.shapes), **row,
-                    "x_lion8bit": row["median_ms"] / baseline if baseline else float("nan"),
-                    "kernel_build_s": build_seconds,
-                })
+                rows.append(
+                    {
+                        **env,
+                        "problem": case.name,
+                        "param_dtype": _dtype_name(case.dtype),
+                        "numel": case.numel,
+                        "tensors": len(case.shapes),
+                        **row,
+                        "x_lion8bit": row["median_ms"] / baseline if baseline else float("nan"),
+                        "kernel_build_s": build_seconds,
+                    }
+                )
             case.release()
     write_csv(rows, out)
     table = markdown(rows, env, command)

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import lion8bit
+from lion8bit.budget.optimizers import OPTIMIZER_NAMES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOKE_LABEL = "SMOKE TEST on synthetic data, not evidence"
@@ -151,23 +152,24 @@ def synthetic_images(num_train: int = 2048, num_test: int = 512, seed: int = 0):
 
 # -- optimizers ----------------------------------------------------------------------------------
 
-# name -> what it is; the scripts' --optimizers takes a comma-separated list of these names.
+# name -> what it is, for the optimizers these scripts train with: names and descriptions from the
+# one vocabulary (lion8bit/budget/optimizers.py). --optimizers takes a comma-separated list of them.
 OPTIMIZERS = {
-    "lion8bit": "lion8bit.Lion8bit (8-bit momentum)",
-    "lion8bit-bf16": 'lion8bit.Lion(state="bf16")',
-    "lion8bit-cautious": "lion8bit.Lion8bit(cautious_factor=0.0)",
-    "lion-fp32": "lion_pytorch.Lion (fp32 momentum, the reference)",
-    "bnb-lion8bit": "bitsandbytes.optim.Lion8bit",
-    "adamw": "torch.optim.AdamW",
+    name: OPTIMIZER_NAMES[name]
+    for name in ("lion8bit", "lion8bit-bf16", "lion8bit-cautious", "lion-pytorch", "bnb-lion8bit", "adamw")
 }
-REFERENCE = "lion-fp32"
+# lion_pytorch.Lion: fp32 momentum for the scripts' fp32 params, the reference
+REFERENCE = "lion-pytorch"
 # The same update rule and hyper-parameters as the reference, only the momentum's storage differs:
 # these are the ones the convergence check applies to.
 SAME_UPDATE = ("lion8bit", "lion8bit-bf16", "bnb-lion8bit")
 
 
 # The package each optimizer needs beyond lion8bit and torch (all in the "examples" extra).
-_PACKAGES = {"lion-fp32": ("lion_pytorch", "lion-pytorch"), "bnb-lion8bit": ("bitsandbytes", "bitsandbytes")}
+_PACKAGES = {
+    "lion-pytorch": ("lion_pytorch", "lion-pytorch"),
+    "bnb-lion8bit": ("bitsandbytes", "bitsandbytes"),
+}
 
 
 def parse_optimizers(text: str) -> list[str]:
@@ -206,7 +208,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lion_lr, lion_wd
         + " (default: all)",
     )
     group.add_argument("--lion-lr", type=float, default=lion_lr, help="peak lr of every Lion (default: %(default)g)")
-    group.add_argument("--lion-wd", type=float, default=lion_wd, help="weight decay of every Lion (default: %(default)g)")
+    group.add_argument(
+        "--lion-wd", type=float, default=lion_wd, help="weight decay of every Lion (default: %(default)g)"
+    )
     group.add_argument("--adamw-lr", type=float, default=adamw_lr, help="peak lr of AdamW (default: %(default)g)")
     group.add_argument("--adamw-wd", type=float, default=adamw_wd, help="weight decay of AdamW (default: %(default)g)")
     group.add_argument("--beta1", type=float, default=0.9, help="beta1 of every optimizer (default: %(default)g)")
@@ -233,7 +237,7 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) 
         return lion8bit.Lion(groups, lr=args.lion_lr, betas=betas, state="bf16")
     if name == "lion8bit-cautious":
         return lion8bit.Lion8bit(groups, lr=args.lion_lr, betas=betas, cautious_factor=0.0)
-    if name == "lion-fp32":
+    if name == "lion-pytorch":
         from lion_pytorch import Lion as LionPytorch
 
         return LionPytorch(groups, lr=args.lion_lr, betas=betas)
@@ -346,13 +350,7 @@ def plot_curves(
             if len(by_seed) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colors(index), alpha=0.15, lw=0)
     last = max(s for by_seed in curves.values() for run in by_seed.values() for s, _ in run)
-    tail = [
-        v
-        for by_seed in curves.values()
-        for run in by_seed.values()
-        for s, v in run
-        if s >= zoom_from * last
-    ]
+    tail = [v for by_seed in curves.values() for run in by_seed.values() for s, v in run if s >= zoom_from * last]
     axes[1].set_xlim(zoom_from * last, last * 1.01)
     if tail:
         low, high = min(tail), max(tail)
@@ -386,7 +384,7 @@ def comparison_table(
     scale: float = 1.0,
     digits: int = 4,
 ) -> str:
-    """Markdown table of the final metric, wall time and state bytes, with the check vs fp32 Lion.
+    """Markdown table of the final metric, wall time and state bytes, with the check vs lion-pytorch.
 
     ``finals[optimizer][seed]`` holds the run's final numbers (``metric``, "seconds",
     "optimizer_seconds", "state_bytes"). Delta is the mean over seeds of the paired differences

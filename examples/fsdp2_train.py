@@ -7,7 +7,7 @@
 Runs on CPU with gloo (or one GPU per rank with NCCL); without torchrun it runs as a single
 process. Each rank holds a shard of every weight, and Lion8bit keeps 8-bit momentum for that
 shard only: the state bytes per rank printed at the end are about the total divided by the
-number of ranks.
+number of ranks. A checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -35,14 +35,22 @@ from lion8bit import Lion
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    parser.add_argument("--state", choices=["8bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)")
+    parser.add_argument(
+        "--state", choices=["8bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (default: 0.1)")
-    parser.add_argument("--cautious-factor", type=float, default=1.0,
-                        help="1.0 = off; below 1 masks updates against the gradient (default: 1.0)")
+    parser.add_argument(
+        "--cautious-factor",
+        type=float,
+        default=1.0,
+        help="1.0 = off; below 1 masks updates against the gradient (default: 1.0)",
+    )
     parser.add_argument("--width", type=int, default=512, help="hidden width of the MLP (default: 512)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per rank and step (default: 64)")
-    parser.add_argument("--checkpoint", metavar="DIR", help="save model + optimizer here at the end (torch.distributed.checkpoint)")
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", help="save model + optimizer here at the end (torch.distributed.checkpoint)"
+    )
     parser.add_argument("--resume", action="store_true", help="load --checkpoint before training")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps of a smaller model (for tests)")
@@ -143,19 +151,29 @@ def main():
             dcp.save(checkpoint_state(model, optimizer), storage_writer=writer)
 
     local_params = sum(p.to_local().numel() for p in model.parameters())
+    # The momentum (codes) is a DTensor placed like its param; the 8-bit absmax, while training,
+    # a plain tensor of the blocks this rank's shard overlaps (state_dict() gathers the layout
+    # that reshards, lion8bit/reshard.py).
     state_bytes = sum(
-        value.to_local().nbytes for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)
+        (value.to_local() if hasattr(value, "to_local") else value).nbytes
+        for entry in optimizer.state.values()
+        for value in entry.values()
+        if torch.is_tensor(value)
     )
     report = torch.tensor([local_params, state_bytes], dtype=torch.int64, device=device)
     reports = [torch.zeros_like(report) for _ in range(world_size)]
     dist.all_gather(reports, report)
     if rank == 0:
         total_params = sum(p.numel() for p in model.parameters())
-        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps ({elapsed:.1f} s), "
-              f"{world_size} rank(s), state={args.state}")
+        print(
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps ({elapsed:.1f} s), "
+            f"{world_size} rank(s), state={args.state}"
+        )
         for index, (params, nbytes) in enumerate(r.tolist() for r in reports):
-            print(f"rank {index}: {params:,} of {total_params:,} params, optimizer state {nbytes:,} bytes "
-                  f"({nbytes / params:.3f} B/param)")
+            print(
+                f"rank {index}: {params:,} of {total_params:,} params, optimizer state {nbytes:,} bytes "
+                f"({nbytes / params:.3f} B/param)"
+            )
         if args.checkpoint:
             print(f"saved model + optimizer to {args.checkpoint} (step {first_step + args.steps})")
     dist.destroy_process_group()

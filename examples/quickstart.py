@@ -1,6 +1,7 @@
 """The README's usage example, runnable as is: a small regression trained with Lion8bit."""
 
 import torch
+
 from lion8bit import Lion8bit
 
 torch.manual_seed(0)

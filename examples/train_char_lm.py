@@ -3,7 +3,7 @@
 Every optimizer starts from the same initial weights and sees the same batches (per seed), under
 the same warmup + cosine schedule and gradient clipping. Writes PREFIX.csv (train and validation
 loss every --eval-every steps), PREFIX.png (validation-loss curves) and PREFIX.md (the final table:
-validation loss, wall time, optimizer-state bytes, and the check against fp32 Lion).
+validation loss, wall time, optimizer-state bytes, and the check against lion-pytorch).
 
 Data: sudo apt-get install bible-kjv bible-kjv-text   (or --data synthetic for a smoke test)
 
@@ -17,12 +17,11 @@ import argparse
 import copy
 import time
 
+import _common as common
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import _common as common
 
 # --quick: a smaller model and a few steps, to show the script works end to end (not evidence).
 QUICK = dict(data="auto", steps=16, warmup=4, eval_every=8, eval_batches=2, batch_size=16,
@@ -64,16 +63,21 @@ class CharGPT(nn.Module):
         return self.head(self.ln(self.blocks(self.token(idx) + self.position(positions))))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a CI smoke run: small model, few steps, one seed (data: auto)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a CI smoke run: small model, few steps, one seed (data: auto)"
+    )
     parser.add_argument(
         "--data",
         choices=("kjv", "synthetic", "auto"),
         default="kjv",
-        help="kjv: the Debian text; synthetic: generated smoke-test text; auto: kjv if installed (default: %(default)s)",
+        help="kjv: the Debian text; synthetic: generated smoke-test text; auto: kjv if installed "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--seeds", type=common.parse_seeds, default="0,1,2", help="comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--seeds", type=common.parse_seeds, default="0,1,2", help="comma-separated (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: %(default)s)")
@@ -82,14 +86,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=128, help="model width (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=25, help="steps between evaluations (default: %(default)s)")
-    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation (default: %(default)s)")
+    parser.add_argument(
+        "--eval-batches", type=int, default=16, help="validation batches per evaluation (default: %(default)s)"
+    )
     common.add_optimizer_arguments(parser, lion_lr=3e-3, lion_wd=0.3, adamw_lr=1e-2, adamw_wd=0.1)
     common.add_output_arguments(parser, "char_lm")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     return args
+
+
+# Distinct characters of the King James Bible text as load_kjv() gives it (encode(load_kjv()) on
+# Debian's bible-kjv-text): the vocabulary of the README's runs.
+KJV_VOCAB = 63
+
+
+def budget_model() -> CharGPT:
+    """The model of the README's runs (this script's defaults), for the memory budget:
+
+    lion8bit budget examples/train_char_lm.py:budget_model --batch-size 32 --seq-len 64
+    """
+    parser = build_parser()
+    return CharGPT(KJV_VOCAB, *(parser.get_default(name) for name in ("context", "dim", "layers", "heads")))
 
 
 def encode(text: str) -> tuple[torch.Tensor, list[str]]:
@@ -116,7 +141,11 @@ def evaluate(model: nn.Module, batches) -> float:
 def main(argv=None) -> None:
     args = parse_args(argv)
     data_name, text, label = common.load_data(
-        args.data, "kjv", common.kjv_available, common.load_kjv, common.synthetic_text,
+        args.data,
+        "kjv",
+        common.kjv_available,
+        common.load_kjv,
+        common.synthetic_text,
         "King James Bible (Debian bible-kjv-text)",
     )
     prefix = common.output_prefix(args, "char_lm")
@@ -143,7 +172,9 @@ def main(argv=None) -> None:
             schedule = common.warmup_cosine(optimizer, args.warmup, args.steps)
             batch_gen = torch.Generator().manual_seed(seed)
             curve = [(0, evaluate(model, val_batches))]
-            rows.append(dict(data=data_name, optimizer=name, seed=seed, step=0, lr="", train_loss="", val_loss=curve[0][1]))
+            rows.append(
+                dict(data=data_name, optimizer=name, seed=seed, step=0, lr="", train_loss="", val_loss=curve[0][1])
+            )
             train_losses, seconds, optimizer_seconds = [], 0.0, 0.0
             bar.set_postfix_str(f"seed {seed} {name}")
             for step in range(1, args.steps + 1):
@@ -159,8 +190,17 @@ def main(argv=None) -> None:
                 if step % args.eval_every == 0 or step == args.steps:
                     val_loss = evaluate(model, val_batches)
                     curve.append((step, val_loss))
-                    rows.append(dict(data=data_name, optimizer=name, seed=seed, step=step, lr=lr,
-                                     train_loss=float(np.mean(train_losses)), val_loss=val_loss))
+                    rows.append(
+                        dict(
+                            data=data_name,
+                            optimizer=name,
+                            seed=seed,
+                            step=step,
+                            lr=lr,
+                            train_loss=float(np.mean(train_losses)),
+                            val_loss=val_loss,
+                        )
+                    )
                     train_losses = []
                     bar.set_postfix_str(f"seed {seed} {name} val {val_loss:.3f}")
             curves.setdefault(name, {})[seed] = curve
@@ -171,7 +211,9 @@ def main(argv=None) -> None:
                 state_bytes=common.optimizer_state_bytes(optimizer),
             )
             # Written after every run so a long run's finished part survives an interruption.
-            common.write_csv(prefix.with_suffix(".csv"), rows, ["data", "optimizer", "seed", "step", "lr", "train_loss", "val_loss"])
+            common.write_csv(
+                prefix.with_suffix(".csv"), rows, ["data", "optimizer", "seed", "step", "lr", "train_loss", "val_loss"]
+            )
     bar.close()
 
     params = sum(p.numel() for p in model.parameters())

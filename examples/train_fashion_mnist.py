@@ -3,7 +3,7 @@
 Every optimizer starts from the same initial weights and sees the same batches (per seed), under
 the same warmup + cosine schedule and gradient clipping. Writes PREFIX.csv (train loss, test loss
 and test accuracy every --eval-every steps), PREFIX.png (test-accuracy curves) and PREFIX.md (the
-final table: test accuracy, wall time, optimizer-state bytes, and the check against fp32 Lion).
+final table: test accuracy, wall time, optimizer-state bytes, and the check against lion-pytorch).
 
 Data: sudo apt-get install dataset-fashion-mnist   (or --data synthetic for a smoke test)
 
@@ -18,12 +18,11 @@ import copy
 import time
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import _common as common
 
 # --quick: a slice of the data and one short epoch, to show the script works end to end.
 QUICK = dict(data="auto", epochs=1, train_limit=1024, test_limit=512, eval_every=4, seeds=[0])
@@ -31,7 +30,9 @@ QUICK = dict(data="auto", epochs=1, train_limit=1024, test_limit=512, eval_every
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a CI smoke run: 1024 images, one epoch, one seed (data: auto)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a CI smoke run: 1024 images, one epoch, one seed (data: auto)"
+    )
     parser.add_argument(
         "--data",
         choices=("fashion-mnist", "synthetic", "auto"),
@@ -39,12 +40,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fashion-mnist: the Debian idx files; synthetic: generated smoke-test images; "
         "auto: fashion-mnist if installed (default: %(default)s)",
     )
-    parser.add_argument("--data-dir", type=Path, default=common.FASHION_DIR, help="where the idx files are (default: %(default)s)")
-    parser.add_argument("--seeds", type=common.parse_seeds, default="0,1,2", help="comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=common.FASHION_DIR, help="where the idx files are (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seeds", type=common.parse_seeds, default="0,1,2", help="comma-separated (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of all steps (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations (default: %(default)s)")
+    parser.add_argument(
+        "--warmup", type=float, default=0.05, help="warmup, as a fraction of all steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=50, help="steps between test evaluations (default: %(default)s)"
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     common.add_optimizer_arguments(parser, lion_lr=1e-4, lion_wd=1.0, adamw_lr=1e-3, adamw_wd=0.1)
@@ -57,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray, mean: float, std: float):
@@ -77,8 +88,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 def main(argv=None) -> None:
     args = parse_args(argv)
     data_name, splits, label = common.load_data(
-        args.data, "fashion-mnist", lambda: common.fashion_available(args.data_dir),
-        lambda: common.load_fashion_mnist(args.data_dir), common.synthetic_images,
+        args.data,
+        "fashion-mnist",
+        lambda: common.fashion_available(args.data_dir),
+        lambda: common.load_fashion_mnist(args.data_dir),
+        common.synthetic_images,
         "Fashion-MNIST (Debian dataset-fashion-mnist)",
     )
     prefix = common.output_prefix(args, "fashion_mnist")
@@ -105,8 +119,19 @@ def main(argv=None) -> None:
             batch_gen = torch.Generator().manual_seed(seed)
             test_loss, accuracy = evaluate(model, x_test, y_test)
             curve = [(0, 100 * accuracy)]
-            rows.append(dict(data=data_name, optimizer=name, seed=seed, step=0, epoch=0, lr="", train_loss="",
-                             test_loss=test_loss, test_accuracy=accuracy))
+            rows.append(
+                dict(
+                    data=data_name,
+                    optimizer=name,
+                    seed=seed,
+                    step=0,
+                    epoch=0,
+                    lr="",
+                    train_loss="",
+                    test_loss=test_loss,
+                    test_accuracy=accuracy,
+                )
+            )
             train_losses, seconds, optimizer_seconds, step = [], 0.0, 0.0, 0
             bar.set_postfix_str(f"seed {seed} {name}")
             for epoch in range(1, args.epochs + 1):
@@ -123,9 +148,19 @@ def main(argv=None) -> None:
                     if step % args.eval_every == 0 or step == steps:
                         test_loss, accuracy = evaluate(model, x_test, y_test)
                         curve.append((step, 100 * accuracy))
-                        rows.append(dict(data=data_name, optimizer=name, seed=seed, step=step, epoch=epoch, lr=lr,
-                                         train_loss=float(np.mean(train_losses)), test_loss=test_loss,
-                                         test_accuracy=accuracy))
+                        rows.append(
+                            dict(
+                                data=data_name,
+                                optimizer=name,
+                                seed=seed,
+                                step=step,
+                                epoch=epoch,
+                                lr=lr,
+                                train_loss=float(np.mean(train_losses)),
+                                test_loss=test_loss,
+                                test_accuracy=accuracy,
+                            )
+                        )
                         train_losses = []
                         bar.set_postfix_str(f"seed {seed} {name} acc {100 * accuracy:.2f}%")
             curves.setdefault(name, {})[seed] = curve
@@ -136,8 +171,11 @@ def main(argv=None) -> None:
                 state_bytes=common.optimizer_state_bytes(optimizer),
             )
             # Written after every run so a long run's finished part survives an interruption.
-            common.write_csv(prefix.with_suffix(".csv"), rows, ["data", "optimizer", "seed", "step", "epoch", "lr",
-                                                               "train_loss", "test_loss", "test_accuracy"])
+            common.write_csv(
+                prefix.with_suffix(".csv"),
+                rows,
+                ["data", "optimizer", "seed", "step", "epoch", "lr", "train_loss", "test_loss", "test_accuracy"],
+            )
     bar.close()
 
     title = f"MLP 784-512-512-10, {label}: test accuracy (%)"

@@ -2,6 +2,6 @@
 
 import sys
 
-from .budget import main
+from .budget.cli import main
 
 sys.exit(main())

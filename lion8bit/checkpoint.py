@@ -10,7 +10,10 @@ raises ValueError naming the group or param before anything changes:
 2. :func:`merged_groups`: the loaded hyperparameters over this optimizer's groups, checked;
    format options must match, runtime options (``backend``, ``paged``) stay this optimizer's;
 3. :func:`loaded_state`: every entry checked against its param and copied into buffers from the
-   param's allocator (paged ones for a paged group), dtypes kept.
+   param's allocator (paged ones for a paged group), dtypes kept. DTensor params take their
+   state in the layouts :class:`lion8bit.reshard.Loader` reads (the checkpoint layout of any
+   world size, whole-parameter tensors, the per-shard absmax of earlier releases); moving 8-bit
+   absmax between ranks makes the load a collective for them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import interop, sharded
+from . import interop, reshard, sharded
 from . import momentum as mom
 from .options import DEFAULTS, FORMAT_OPTIONS, RUNTIME_OPTIONS, check_group_options, param_label
 
@@ -51,14 +54,14 @@ def merged_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
         raise ValueError(
             f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(groups)}"
         )
-    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+    for group_index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(
                 f"param_groups[{group_index}] has {len(group['params'])} parameters, "
                 f"the loaded state dict's {len(saved['params'])}"
             )
     merged_all = []
-    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+    for group_index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         merged = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
         for name, default in DEFAULTS.items():
             merged.setdefault(name, default)
@@ -93,12 +96,14 @@ def loaded_state(state_dict: dict, groups: list[dict], allocator: Callable) -> d
         for position, param in enumerate(group["params"])
     ]
     state = defaultdict(dict)
-    for saved_id, (group_index, position, param, group) in zip(saved_ids, locations):
+    loader = reshard.Loader()
+    for saved_id, (group_index, position, param, group) in zip(saved_ids, locations, strict=True):
         entry = state_dict["state"].get(saved_id)
         if entry is None:
             continue
         label = param_label(group_index, position, group, param)
-        state[param] = checked_entry(entry, param, group, label, allocator(param, group))
+        state[param] = checked_entry(entry, param, group, label, allocator(param, group), loader)
+    loader.finish()
     return state
 
 
@@ -122,20 +127,25 @@ def _checked_skips(skips, param: torch.Tensor, label: str) -> torch.Tensor:
     return torch.as_tensor(skips, dtype=torch.int64).reshape(()).to(device, copy=True)
 
 
-def checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty: Callable) -> dict:
-    """A copy of one loaded state entry in buffers from ``empty`` on the param's device (a
-    DTensor param's state stays DTensors), or ValueError naming the param."""
+def checked_entry(
+    entry, param: torch.Tensor, group: dict, label: str, empty: Callable, loader: reshard.Loader
+) -> dict:
+    """A copy of one loaded state entry in buffers from ``empty`` on the param's device, or
+    ValueError naming the param. A DTensor param's state is taken in the layouts
+    :class:`lion8bit.reshard.Loader` reads; ``loader.finish()`` completes its absmax."""
     if not isinstance(entry, dict):
         raise ValueError(f"{label}: state must be a dict, got {type(entry).__name__}")
     unknown = set(entry) - _KNOWN_KEYS
     if unknown:
         raise ValueError(f"{label}: unknown state keys {sorted(unknown)}")
     checked = {mom.STEP: _checked_step(entry, label)}
+    if group["capturable"]:  # the step counter lives on the device
+        checked[mom.STEP] = torch.tensor(checked[mom.STEP], dtype=torch.int64, device=sharded.local(param).device)
     fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
-    sharded.check_momentum(entry, param, fmt, group["block_size"], label)
-    for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
-        if key in entry:
-            checked[key] = sharded.copy_state(entry[key], param, empty)
+    if sharded.is_sharded(param):
+        checked.update(loader.momentum(entry, param, fmt, group["block_size"], label, empty))
+    else:
+        checked.update(_plain_momentum(entry, param, fmt, group["block_size"], label, empty))
     if mom.SR_SEED in entry:
         seed = entry[mom.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -146,3 +156,17 @@ def checked_entry(entry, param: torch.Tensor, group: dict, label: str, empty: Ca
     if mom.stored_format(checked) is None:
         checked.update(sharded.new_momentum(param, fmt, group["block_size"], empty))
     return checked
+
+
+def _plain_momentum(entry: dict, param: torch.Tensor, fmt: str, block_size: int, label: str, empty: Callable):
+    """Checked copies of the momentum buffers of a plain (not DTensor) param's loaded entry."""
+    copies = {}
+    for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
+        if key in entry and sharded.is_sharded(entry[key]):
+            raise ValueError(f"{label}: {key} is a DTensor but the parameter is not")
+    mom.check_momentum(entry, param, fmt, block_size, label)
+    for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
+        if key in entry:
+            value = entry[key]
+            copies[key] = empty(value.shape, dtype=value.dtype, device=param.device).copy_(value)
+    return copies

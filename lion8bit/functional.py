@@ -24,7 +24,14 @@ from torch.autograd.graph import increment_version
 
 from . import kernels
 from . import momentum as mom
-from .reference import LionScalars, cautious_step_sizes, rounding_keys
+from .reference import (
+    LionScalars,
+    cautious_step_sizes,
+    device_step_scalars,
+    rounding_key_bases,
+    rounding_keys,
+    rounding_keys_on_device,
+)
 
 # The momentum buffers of each format, as backends receive them.
 BUFFER_KEYS = {
@@ -55,6 +62,21 @@ class _Staging:
             tensor.copy_(dense)
 
 
+# (device, seeds) -> int64 [n, 2] rounding_key_bases: made once, so a captured step copies nothing
+# from the host.
+_KEY_BASES: dict[tuple, torch.Tensor] = {}
+
+
+def _key_bases(seeds: list[int], device: torch.device) -> torch.Tensor:
+    key = (device, tuple(seeds))
+    bases = _KEY_BASES.get(key)
+    if bases is None:
+        if len(_KEY_BASES) > 256:
+            _KEY_BASES.clear()
+        bases = _KEY_BASES[key] = torch.tensor([rounding_key_bases(s) for s in seeds], dtype=torch.int64, device=device)
+    return bases
+
+
 def lion(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -69,6 +91,7 @@ def lion(
     reduce_counts: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     skip: torch.Tensor | None = None,
     element_offsets: list[int] | None = None,
+    capturable: bool = False,
 ) -> None:
     """One Lion step for tensors on one device that share a group's options.
 
@@ -79,6 +102,9 @@ def lion(
     parameters' sizes (default: the tensors' own). ``skip`` (a bool 0-dim tensor) leaves
     everything unchanged when true. ``element_offsets``: where each tensor starts in the whole
     parameter's flat elements (a shard's place; default 0), for stochastic rounding's bits.
+    ``capturable``: every value the step reads lives on the params' device — the scalars (a
+    tensor lr is read there), the step counters (0-dim int64 tensors in the entries) and the
+    rounding keys made from them — so the step can be captured in a CUDA graph and replayed.
     """
     if not params:
         return
@@ -92,13 +118,22 @@ def lion(
         else:
             device_skip = skip.to(device, non_blocking=True)
 
+    # Staging costs a check per tensor, so the common case (everything contiguous) is a pass of
+    # C-level is_contiguous calls; entries are handed on as they are (backends read the buffer
+    # keys of each format and ignore the rest).
     staging = _Staging()
-    local_params = [staging.write(param) for param in params]
-    local_grads = [staging.read(grad) for grad in grads]
-    momenta = [
-        {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]} for entry, fmt in zip(entries, formats)
-    ]
+    contiguous = torch.Tensor.is_contiguous
+    local_params = params if all(map(contiguous, params)) else [staging.write(param) for param in params]
+    local_grads = grads if all(map(contiguous, grads)) else [staging.read(grad) for grad in grads]
+    momenta = entries
+    if not all(contiguous(entry[key]) for entry, fmt in zip(entries, formats, strict=True) for key in BUFFER_KEYS[fmt]):
+        momenta = [
+            {key: staging.write(entry[key]) for key in BUFFER_KEYS[fmt]}
+            for entry, fmt in zip(entries, formats, strict=True)
+        ]
     common = dict(scalars=scalars, block_size=block_size)
+    if capturable or isinstance(scalars.lr, torch.Tensor):
+        common["step_scalars"] = device_step_scalars(scalars, device)
 
     cautious_steps = None
     if scalars.cautious:
@@ -108,15 +143,24 @@ def lion(
         sizes = numels if numels is not None else [p.numel() for p in params]
         cautious_steps = [
             cautious_step_sizes(count, size, scalars.lr, scalars.cautious_factor, torch.float32)
-            for count, size in zip(counts, sizes)
+            for count, size in zip(counts, sizes, strict=True)
         ]
     keys = None
-    if stochastic_rounding:
+    if stochastic_rounding and capturable:
+        steps = torch.stack([entry[mom.STEP] for entry in entries])
+        keys = rounding_keys_on_device(_key_bases([entry[mom.SR_SEED] for entry in entries], device), steps)
+    elif stochastic_rounding:
         keys = [rounding_keys(entry[mom.SR_SEED], entry[mom.STEP]) for entry in entries]
     implementation.lion_step(
-        local_params, local_grads, momenta, formats, **common,
-        rounding_keys=keys, cautious_steps=cautious_steps, skip=device_skip, element_offsets=element_offsets,
+        local_params,
+        local_grads,
+        momenta,
+        formats,
+        **common,
+        rounding_keys=keys,
+        cautious_steps=cautious_steps,
+        skip=device_skip,
+        element_offsets=element_offsets,
     )
     staging.finish()
-    for param in params:
-        increment_version(param)
+    increment_version(params)

@@ -16,7 +16,7 @@ from itertools import chain
 import torch
 
 from . import momentum as mom
-from . import quant
+from . import quant, shard_blocks, sharded
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 BNB_BLOCK_SIZE = 256
@@ -61,7 +61,7 @@ def convert_to_lion8bit(state_dict: dict, source: str, optimizer) -> dict:
             f"this optimizer {len(optimizer.param_groups)}"
         )
     groups = []
-    for group, saved in zip(optimizer.param_groups, saved_groups):
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         merged = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         for key in ("lr", "betas", "weight_decay", "cautious_factor"):
             if key in saved:
@@ -76,7 +76,7 @@ def convert_to_lion8bit(state_dict: dict, source: str, optimizer) -> dict:
     group_of = list(chain.from_iterable([g] * len(g["params"]) for g in groups))
     convert = _from_bitsandbytes if source == "bitsandbytes" else _from_lion_pytorch
     state = {}
-    for position, (saved_id, param, group) in enumerate(zip(ids, params, group_of)):
+    for position, (saved_id, param, group) in enumerate(zip(ids, params, group_of, strict=True)):
         entry = state_dict["state"].get(saved_id)
         if entry is None:
             continue
@@ -92,9 +92,15 @@ def _encoded(values: torch.Tensor, param: torch.Tensor, fmt: str, block_size: in
     return entry
 
 
+def _whole(tensor):
+    """A tensor of the whole parameter: a DTensor's gathered (every rank of its mesh calls)."""
+    return tensor.full_tensor() if sharded.is_sharded(tensor) else tensor
+
+
 def _from_bitsandbytes(entry: dict, param, fmt: str, block_size: int, label: str) -> dict:
     entry = dict(entry)
     entry.update(entry.pop(BNB_NESTED_KEY, {}))
+    entry = {key: _whole(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
     momentum = entry.get("state1")
     if not isinstance(momentum, torch.Tensor) or momentum.numel() != param.numel():
         raise ValueError(f"{label}: state1 does not match the parameter")
@@ -129,6 +135,8 @@ def _from_bitsandbytes(entry: dict, param, fmt: str, block_size: int, label: str
 
 def _from_lion_pytorch(entry: dict, param, fmt: str, block_size: int, label: str) -> dict:
     momentum = entry.get("exp_avg")
+    if isinstance(momentum, torch.Tensor):
+        momentum = _whole(momentum)
     if not isinstance(momentum, torch.Tensor) or tuple(momentum.shape) != tuple(param.shape):
         raise ValueError(f"{label}: exp_avg does not match the parameter")
     return {mom.STEP: 0, **_encoded(momentum.float(), param, fmt, block_size)}
@@ -138,13 +146,15 @@ def to_lion_pytorch_state_dict(optimizer) -> dict:
     """A state dict of ``optimizer`` (a :class:`lion8bit.Lion`) that ``lion_pytorch.Lion`` and
     ``lion_pytorch.cautious_lion.Lion`` load: fp32 momentum as ``exp_avg`` in each param's dtype.
 
-    lion-pytorch keeps ``decoupled_weight_decay`` on the instance, not in its state dict:
-    construct it with the same setting.
+    For a DTensor param (FSDP2) ``exp_avg`` is a DTensor placed like the param, made from this
+    rank's shard (no communication): what lion-pytorch holds for the same sharded model;
+    ``full_tensor()`` gives the whole parameter's. lion-pytorch keeps ``decoupled_weight_decay``
+    on the instance, not in its state dict: construct it with the same setting.
     """
-    ours = optimizer.state_dict()
-    groups = []
-    owners = {}
-    for group, packed in zip(optimizer.param_groups, ours["param_groups"]):
+    groups, state, saved_id = [], {}, 0
+    for group in optimizer.param_groups:
+        ids = list(range(saved_id, saved_id + len(group["params"])))  # torch's state_dict numbering
+        saved_id += len(ids)
         groups.append(
             {
                 "lr": group["lr"],
@@ -152,17 +162,16 @@ def to_lion_pytorch_state_dict(optimizer) -> dict:
                 "weight_decay": group["weight_decay"],
                 "cautious_factor": group["cautious_factor"],
                 "cautious_wd": group["cautious_weight_decay"],
-                "params": list(packed["params"]),
+                "params": ids,
             }
         )
-        for saved_id, param in zip(packed["params"], group["params"]):
-            owners[saved_id] = (param, group)
-    state = {}
-    for saved_id, entry in ours["state"].items():
-        param, group = owners[saved_id]
-        fmt = mom.stored_format(entry)
-        if fmt is None:
-            continue
-        values = mom.decode_momentum(entry, fmt, group["block_size"])
-        state[saved_id] = {"exp_avg": values.to(param.dtype)}
+        for param_id, param in zip(ids, group["params"], strict=True):
+            entry = optimizer.state.get(param, {})
+            fmt = mom.stored_format(entry)
+            if fmt is None:
+                continue
+            values = shard_blocks.decode(param, entry, fmt, group["block_size"]).to(param.dtype)
+            if sharded.is_sharded(param):
+                values = sharded.like_param(values, param)
+            state[param_id] = {"exp_avg": values}
     return {"state": state, "param_groups": groups}

@@ -8,13 +8,14 @@ hands them to the functional :func:`lion8bit.functional.lion`, which dispatches 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, kernels, paged, quant, sharded
+from . import checkpoint, kernels, paged, quant, reshard, shard_blocks, sharded
 from . import momentum as mom
 from .functional import lion
 from .options import DEFAULTS, PARAM_DTYPES, check_group_options, compat_options, param_label
@@ -31,26 +32,30 @@ def _lr_is_zero(lr) -> bool:
     return float(lr) == 0.0
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 class _Bucket:
-    """The params of one group on one device, with their local views and state entries."""
+    """The params of one group on one device, with their local views, grads, entries, formats."""
 
-    def __init__(self):
-        self.params, self.local_params, self.grads, self.entries, self.formats = [], [], [], [], []
-
-    def add(self, param, local_param, grad, entry, fmt) -> None:
-        self.params.append(param)
-        self.local_params.append(local_param)
-        self.grads.append(grad)
-        self.entries.append(entry)
-        self.formats.append(fmt)
+    def __init__(self, params, local_params, grads, entries, formats):
+        self.params, self.local_params, self.grads, self.entries, self.formats = (
+            params, local_params, grads, entries, formats
+        )
 
     def singles(self) -> list["_Bucket"]:
         """One bucket per tensor, in order."""
-        parts = []
-        for row in zip(self.params, self.local_params, self.grads, self.entries, self.formats):
-            parts.append(_Bucket())
-            parts[-1].add(*row)
-        return parts
+        rows = zip(self.params, self.local_params, self.grads, self.entries, self.formats, strict=True)
+        return [_Bucket(*([value] for value in row)) for row in rows]
+
+
+def _holds(entry: dict, fmt: str) -> bool:
+    """Whether a state entry's momentum is stored in ``fmt`` (mom.stored_format, inlined for the
+    step's per-param loop)."""
+    if fmt == "8bit":
+        return mom.MOMENTUM_CODES in entry
+    momentum = entry.get(mom.MOMENTUM)
+    return momentum is not None and (momentum.dtype is torch.bfloat16) == (fmt == "bf16")
 
 
 class Lion(Optimizer):
@@ -85,6 +90,11 @@ class Lion(Optimizer):
             step for those groups (params and momentum unchanged) and count it in each param's
             ``nonfinite_skips``; decided on the device, without a host synchronisation per
             parameter (one all-reduce of the flag per step for sharded params).
+        capturable: everything a step reads stays on the params' device — a tensor lr (and
+            the scalars made from it), the step counters (int64 0-dim tensors in the state), the
+            stochastic-rounding keys — so the step can be captured in a CUDA graph and replayed
+            (torch's name and meaning). Give lr as a tensor on the device to change it between
+            replays (LR schedulers fill it in place).
 
     DTensor params (FSDP2's ``fully_shard``, placed with Shard / Replicate) are stepped through
     their local shards, with state for the local shard only; see :mod:`lion8bit.sharded`.
@@ -112,6 +122,7 @@ class Lion(Optimizer):
         backend: str = "auto",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         use_triton: bool | None = None,
         cautious_wd: bool | None = None,
         optim_bits: int | None = None,
@@ -140,10 +151,12 @@ class Lion(Optimizer):
             stochastic_rounding=stochastic_rounding,
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
+            capturable=capturable,
             **compat,
         )
         check_group_options(defaults)
         self._paged_warned = False
+        self._block_sizes: dict[int, int] = {}  # id(group) -> the block_size its state was checked for
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -159,7 +172,8 @@ class Lion(Optimizer):
                         f"Invalid parameter dtype of {label}: {param.dtype} "
                         f"(Lion supports {', '.join(str(d) for d in PARAM_DTYPES)})"
                     )
-                sharded.check_param(param, label)
+                fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                sharded.check_param(param, label, fmt)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -174,6 +188,7 @@ class Lion(Optimizer):
                 group.setdefault(name, default)
             group.setdefault("decoupled_initial_lr", float(group["lr"]))
         self.__dict__.setdefault("_paged_warned", False)
+        self._block_sizes = {}  # loaded state: check it at the next step
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -196,13 +211,12 @@ class Lion(Optimizer):
     def _new_momentum(self, param: torch.Tensor, group: dict, fmt: str) -> dict:
         return sharded.new_momentum(param, fmt, group["block_size"], self._allocator(param, group))
 
-    def _prepare(self, param: torch.Tensor, group: dict, index: int) -> tuple[dict, str]:
-        """The param's state entry: created, or re-encoded if the group's state kind changed.
-
-        For a DTensor param the format follows the whole param's size, as unsharded.
+    def _prepare(self, param: torch.Tensor, group: dict, index: int, fmt: str) -> dict:
+        """The param's state entry: created, or re-encoded if the group's state kind changed;
+        ``fmt`` is the format its momentum must have (for a DTensor param it follows the whole
+        param's size, as unsharded).
         """
         block_size = group["block_size"]
-        fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
         entry = self.state[param]
         if not entry:
             # Allocate first: an allocation that fails (paged out of memory) leaves no half-made
@@ -213,25 +227,32 @@ class Lion(Optimizer):
         stored = mom.stored_format(entry)
         if stored != fmt:
             # The group's state kind or min_8bit_size was changed: re-encode the momentum.
-            values = mom.decode_momentum(sharded.local_entry(param, entry, block_size), stored, block_size)
+            values = shard_blocks.decode(param, entry, stored, block_size)
             for key in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX):
                 entry.pop(key, None)
             entry.update(self._new_momentum(param, group, fmt))
-            mom.encode_momentum(sharded.local_entry(param, entry, block_size), values, fmt, block_size)
+            shard_blocks.encode(param, entry, values, fmt, block_size)
         if group["stochastic_rounding"] and mom.SR_SEED not in entry:
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
             entry[mom.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
-        return entry, fmt
+        step = entry[mom.STEP]
+        if group["capturable"] and not isinstance(step, torch.Tensor):
+            entry[mom.STEP] = torch.tensor(step, dtype=torch.int64, device=sharded.local(param).device)
+        elif not group["capturable"] and isinstance(step, torch.Tensor):
+            entry[mom.STEP] = int(step)  # capturable was turned off: read once
+        return entry
 
     @staticmethod
-    def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label: str) -> None:
+    def _check_state_fits(param: torch.Tensor, entry: dict, group: dict, label) -> None:
+        """ValueError unless the 8-bit state's absmax fits the group's block_size; ``label()``
+        names the param."""
         if mom.stored_format(entry) == "8bit":
             found = tuple(entry[mom.MOMENTUM_ABSMAX].shape)
             expected = sharded.absmax_shape(param, group["block_size"])
             if found != expected:
                 raise ValueError(
-                    f"{label}: its 8-bit momentum has absmax of shape {found}, but "
+                    f"{label()}: its 8-bit momentum has absmax of shape {found}, but "
                     f"block_size={group['block_size']} needs {expected}; block_size cannot change "
                     "once the state exists"
                 )
@@ -249,22 +270,34 @@ class Lion(Optimizer):
         collected = self._collect()  # every check first: an error leaves the optimizer unchanged
         skip = self._nonfinite_flag(collected)
         for group, params in collected:
-            buckets: dict[torch.device, _Bucket] = defaultdict(_Bucket)
+            rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
+            sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
-            for index, param in params:
-                fresh = not self.state.get(param)
-                entry, fmt = self._prepare(param, group, index)
-                if not (fresh and _lr_is_zero(group["lr"])):
+            kind, min_8bit_size = group["state"], group["min_8bit_size"]
+            needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
+            for index, param, grad, entry, device in params:
+                fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
+                if needs_prepare or not entry or not _holds(entry, fmt):
+                    fresh = not entry
+                    entry = self._prepare(param, group, index, fmt)
+                    if not (fresh and _lr_is_zero(group["lr"])):
+                        entry[mom.STEP] += 1
+                    if group["skip_nonfinite"]:
+                        skip_counters.append(entry[mom.NONFINITE_SKIPS])
+                else:
                     entry[mom.STEP] += 1
-                if group["skip_nonfinite"]:
-                    skip_counters.append(entry[mom.NONFINITE_SKIPS])
-                local_param = sharded.local(param)
-                buckets[local_param.device].add(
-                    param, local_param, sharded.local(param.grad),
-                    sharded.local_entry(param, entry, group["block_size"]), fmt,
-                )
+                if type(param) in _PLAIN:
+                    rows[device].append((param, param, grad, entry, fmt))
+                else:
+                    sharded_devices.add(device)
+                    local_entry = sharded.local_entry(param, entry)
+                    rows[device].append((param, sharded.local(param), sharded.local(grad), local_entry, fmt))
+            buckets = [
+                (device in sharded_devices, _Bucket(*map(list, zip(*device_rows, strict=True))))
+                for device, device_rows in rows.items()
+            ]
             scalars = lion_scalars(group)
-            for bucket in buckets.values():
+            for has_shards, bucket in buckets:
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
                 # current stream) just before its own update, so only the tensor being updated
                 # has to fit on the GPU, as with bitsandbytes.
@@ -272,43 +305,85 @@ class Lion(Optimizer):
                 for part in bucket.singles() if paging else (bucket,):
                     if paging:
                         paged.prefetch(part.entries)
-                    lion(
-                        part.local_params,
-                        part.grads,
-                        part.entries,
-                        part.formats,
-                        scalars=scalars,
-                        block_size=group["block_size"],
-                        stochastic_rounding=group["stochastic_rounding"],
-                        backend=group["backend"],
-                        numels=[param.numel() for param in part.params],
-                        reduce_counts=sharded.count_reducer(part.params) if scalars.cautious else None,
-                        skip=skip if group["skip_nonfinite"] else None,
-                    )
+                    self._step_part(part, group, scalars, skip, has_shards)
             for counter in skip_counters:
                 counter.add_(skip.to(counter.device, non_blocking=True))
+            self._block_sizes[id(group)] = group["block_size"]
         return loss
 
-    def _collect(self) -> list[tuple[dict, list[tuple[int, torch.Tensor]]]]:
-        """Per group, its params with a grad as (index among all params, param).
+    @staticmethod
+    def _step_part(part: "_Bucket", group: dict, scalars, skip, has_shards: bool) -> None:
+        """One call of the functional for these tensors. DTensor params go through
+        :class:`lion8bit.shard_blocks.ShardedStep`: 8-bit blocks cut by shard boundaries are
+        stepped around the backend's call, in the whole parameter's blocks."""
+        options = dict(
+            scalars=scalars,
+            block_size=group["block_size"],
+            stochastic_rounding=group["stochastic_rounding"],
+            backend=group["backend"],
+            skip=skip if group["skip_nonfinite"] else None,
+            capturable=group["capturable"],
+        )
+        if not has_shards:
+            lion(part.local_params, part.grads, part.entries, part.formats, **options)
+            return
+        pieces = shard_blocks.ShardedStep(
+            part.params, part.local_params, part.grads, part.entries, part.formats, group["block_size"]
+        )
+        lion(
+            pieces.params, pieces.grads, pieces.entries, pieces.formats, **options,
+            numels=[param.numel() for param in part.params],
+            reduce_counts=pieces.count_reducer(scalars) if scalars.cautious else None,
+            element_offsets=pieces.element_offsets,
+        )
+        pieces.step_edges(scalars, stochastic_rounding=group["stochastic_rounding"], skip=options["skip"])
+
+    def _collect(self) -> list[tuple[dict, list[tuple]]]:
+        """Per group, its params with a grad as (index among all params, param, grad, state
+        entry or None, the device of its local tensor).
 
         Checks everything a step could fail on before the step changes anything: the grads,
-        the backend and the device it runs on, the existing state's layout.
+        the backend and the device it runs on, the existing state's layout. The common case
+        takes a few comparisons per param; an error message is made only for an error.
         """
         collected = []
         index = -1
+        state = self.state
         for group_index, group in enumerate(self.param_groups):
-            params = []
+            params, checked_devices = [], set()
+            # 8-bit state has the blocks of the block_size it was made with; only a group whose
+            # block_size was changed since its last step needs its entries checked.
+            check_blocks = self._block_sizes.get(id(group)) != group["block_size"]
             for position, param in enumerate(group["params"]):
                 index += 1
-                if param.grad is None:
+                grad = param.grad
+                if grad is None:
                     continue
-                label = param_label(group_index, position, group, param)
-                self._check_grad(param, param.grad, label)
-                kernels.resolve(group["backend"], sharded.local(param).device, label)
-                if self.state.get(param):
-                    self._check_state_fits(param, self.state[param], group, label)
-                params.append((index, param))
+                # _grad_fits, inlined: the common case costs a few comparisons per param
+                plain = type(grad) in _PLAIN and type(param) in _PLAIN
+                if not (
+                    (grad.dtype is param.dtype or grad.dtype is torch.float32)
+                    and grad.shape == param.shape
+                    and grad.device == param.device
+                    and not grad.is_sparse
+                    and (plain or sharded.same_layout(grad, param))
+                ):
+                    self._check_grad(param, grad, param_label(group_index, position, group, param))
+                device = param.device if plain else sharded.local(param).device
+                if device not in checked_devices:
+                    try:
+                        kernels.resolve(group["backend"], device)
+                    except kernels.UnavailableBackend:
+                        kernels.resolve(group["backend"], device, param_label(group_index, position, group, param))
+                    checked_devices.add(device)
+                if not plain:  # the group's state kind may have changed: 8-bit takes fewer layouts
+                    fmt = mom.momentum_format(param.numel(), group["state"], group["min_8bit_size"])
+                    sharded.check_param(param, param_label(group_index, position, group, param), fmt)
+                entry = state.get(param)
+                if check_blocks and entry and mom.MOMENTUM_ABSMAX in entry:
+                    label = functools.partial(param_label, group_index, position, group, param)
+                    self._check_state_fits(param, entry, group, label)
+                params.append((index, param, grad, entry, device))
             if params:
                 collected.append((group, params))
         return collected
@@ -321,7 +396,7 @@ class Lion(Optimizer):
         params the flag is OR-ed over their meshes (a rank seeing a NaN in its shard makes every
         rank skip).
         """
-        params = [p for group, items in collected if group["skip_nonfinite"] for _, p in items]
+        params = [item[1] for group, items in collected if group["skip_nonfinite"] for item in items]
         if not params:
             return None
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
@@ -346,19 +421,23 @@ class Lion(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"Lion does not support sparse gradients ({label})")
         if not sharded.same_layout(grad, param):
-            raise RuntimeError(
-                f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}"
-            )
+            raise RuntimeError(f"Gradient of {label} is {sharded.layout(grad)}; expected {sharded.layout(param)}")
         if grad.shape != param.shape:
             raise RuntimeError(f"Gradient of {label} has shape {tuple(grad.shape)}")
         if grad.device != param.device:
             raise RuntimeError(f"Gradient of {label} is on {grad.device}, the parameter on {param.device}")
         if grad.dtype != param.dtype and grad.dtype != torch.float32:
-            raise RuntimeError(
-                f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32"
-            )
+            raise RuntimeError(f"Gradient of {label} has dtype {grad.dtype}; expected {param.dtype} or torch.float32")
 
     # -- state dicts ---------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        """torch's state dict, with the 8-bit absmax of DTensor params as one DTensor of the
+        whole parameter's blocks (the layout that reshards, :mod:`lion8bit.reshard`). With such
+        params it is a collective: call it on every rank, as get_optimizer_state_dict does.
+        (State dict post hooks run inside torch's ``state_dict``, on the per-rank layout.)"""
+        return reshard.checkpoint_state(super().state_dict(), self)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:

@@ -35,6 +35,7 @@ DEFAULTS = dict(
     backend="auto",
     maximize=False,
     skip_nonfinite=False,
+    capturable=False,
 )
 # Options that define the stored state's format: a loaded state dict must have the same ones.
 FORMAT_OPTIONS = ("state", "block_size", "min_8bit_size")
@@ -47,6 +48,7 @@ _FLAGS = (
     "paged",
     "maximize",
     "skip_nonfinite",
+    "capturable",
 )
 
 

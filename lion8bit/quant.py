@@ -11,8 +11,6 @@ Everything here is plain PyTorch and defines the bits the fused backends must re
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 BLOCK_SIZE = 256
@@ -51,26 +49,30 @@ def _build_codebook() -> torch.Tensor:
 _CODEBOOK = _build_codebook()
 
 
-@functools.lru_cache(maxsize=None)
-def _codebook_on(device: torch.device) -> torch.Tensor:
-    return _CODEBOOK.to(device)
+# Midpoints between neighbouring codes: exact in float64 (sum of two fp32 values, halved).
+_THRESHOLDS = ((_CODEBOOK.double()[:-1] + _CODEBOOK.double()[1:]) / 2)
+
+# Per-device copies, made once. Plain dicts rather than functools caches: torch.compile traces
+# through a dict lookup, and warns about (and ignores) an lru_cache wrapper.
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _on(name: str, table: torch.Tensor, device) -> torch.Tensor:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    copy = _ON_DEVICE.get((name, device))
+    if copy is None:
+        copy = _ON_DEVICE[(name, device)] = table.to(device)
+    return copy
 
 
 def codebook(device: torch.device | str | None = None) -> torch.Tensor:
     """The 256 sorted fp32 code values (shared, do not modify)."""
-    return _codebook_on(torch.device(device) if device is not None else torch.device("cpu"))
-
-
-@functools.lru_cache(maxsize=None)
-def _thresholds_on(device: torch.device) -> torch.Tensor:
-    # Midpoints between neighbouring codes: exact in float64 (sum of two fp32 values, halved).
-    c = _CODEBOOK.double()
-    return ((c[:-1] + c[1:]) / 2).to(device)
+    return _on("codebook", _CODEBOOK, device)
 
 
 def decision_thresholds(device: torch.device | str | None = None) -> torch.Tensor:
     """The 255 float64 midpoints between neighbouring codes; nearest-code boundaries."""
-    return _thresholds_on(torch.device(device) if device is not None else torch.device("cpu"))
+    return _on("thresholds", _THRESHOLDS, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +128,25 @@ def quantize_blockwise(
     absmax, (value * 2**24) * (1 / (absmax * 2**24)). An all-zero block has absmax 0 and codes
     127 (no 0/0).
     """
+    absmax = blockwise_absmax(values, block_size)
+    return quantize_with_absmax(values, absmax, block_size), absmax
+
+
+def quantize_with_absmax(
+    values: torch.Tensor, absmax: torch.Tensor, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """uint8 codes of fp32 values in blocks whose fp32 absmax are given (one per block).
+
+    Elementwise once the absmax is known: a piece of a block quantized with the whole block's
+    absmax gets the codes the whole block would (how a block cut by a shard boundary is
+    requantized, lion8bit/shard_blocks.py).
+    """
     flat = values.reshape(-1).float()
-    absmax = blockwise_absmax(flat, block_size)
     scale = torch.where(absmax < SUBNORMAL_ABSMAX, SUBNORMAL_SCALE, 1.0)
     inverse = torch.where(absmax > 0, torch.reciprocal(absmax * scale), torch.zeros_like(absmax))
     blocks = _as_blocks(flat, block_size) * scale[:, None]
     normalized = (blocks * inverse[:, None]).reshape(-1)[: flat.numel()]
-    return nearest_codes(normalized).view(values.shape), absmax
+    return nearest_codes(normalized).view(values.shape)
 
 
 def dequantize_blockwise(

@@ -33,7 +33,9 @@ CAUTIOUS_MEAN_FLOOR = 1e-5
 
 @dataclass(frozen=True)
 class LionScalars:
-    """The per-group numbers of one step, as the host computes them (Python floats)."""
+    """The per-group numbers of one step, as the host computes them (Python floats in float64;
+    with a tensor lr, ``lr`` and ``decay`` are float64 0-dim tensors on its device, computed
+    there with the same float64 operations, so no step reads the lr on the host)."""
 
     lr: float
     beta1: float
@@ -53,7 +55,8 @@ class LionScalars:
 
 def lion_scalars(group: dict) -> LionScalars:
     """Scalars of one step from a param group (lr as it is now, after any scheduler)."""
-    lr = float(group["lr"])
+    lr = group["lr"]
+    lr = lr.to(torch.float64) if isinstance(lr, torch.Tensor) else float(lr)
     beta1, beta2 = (float(b) for b in group["betas"])
     weight_decay = float(group["weight_decay"])
     if group.get("decoupled_weight_decay", False):
@@ -72,6 +75,22 @@ def lion_scalars(group: dict) -> LionScalars:
         cautious_weight_decay=bool(group.get("cautious_weight_decay", False)),
         maximize=bool(group.get("maximize", False)),
     )
+
+
+def device_step_scalars(scalars: LionScalars, device) -> torch.Tensor:
+    """The six fp32 step scalars (kernels.STEP_SCALARS order: beta1, 1 - beta1, beta2,
+    1 - beta2, decay, lr) as one tensor on ``device``, each the float64 value rounded once to
+    fp32 as torch rounds a Python float operand. Device operations only (a fill per constant,
+    no host-to-device copy), so the step can be captured in a CUDA graph and a tensor lr that
+    an LR schedule fills between replays is read on the device."""
+    values = [
+        value.to(device=device, dtype=torch.float64) if isinstance(value, torch.Tensor)
+        else torch.full((), value, dtype=torch.float64, device=device)
+        for value in (
+            scalars.beta1, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2, scalars.decay, scalars.lr
+        )
+    ]
+    return torch.stack(values).to(torch.float32)
 
 
 def cautious_step_sizes(
@@ -152,6 +171,21 @@ def rounding_keys(seed: int, step: int) -> tuple[int, int]:
     )
 
 
+def rounding_key_bases(seed: int) -> tuple[int, int]:
+    """The step-independent half of :func:`rounding_keys` for one tensor: per stream,
+    mix32((seed ^ mix32(stream + 1)) mod 2**32); the key is then mix32(base ^ (step mod 2**32))."""
+    mask = 0xFFFFFFFF
+    streams = (quant.STREAM_PARAM, quant.STREAM_MOMENTUM)
+    return tuple(quant.mix32((seed ^ quant.mix32(stream + 1)) & mask) for stream in streams)
+
+
+def rounding_keys_on_device(bases: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """:func:`rounding_keys` of many tensors as an int64 [n, 2] tensor, from their bases (int64
+    [n, 2], :func:`rounding_key_bases`) and their step counters (int64 [n], counting this step)
+    where those live: device operations only, for capturable steps."""
+    return quant.mix32(bases ^ (steps & 0xFFFFFFFF)[:, None])
+
+
 def reference_aligned_count(
     grad: torch.Tensor,
     momentum: dict,
@@ -192,9 +226,7 @@ def reference_step(
     tensor's place in the whole parameter, for a shard); None rounds to nearest even.
     """
     old = decode_momentum(momentum, fmt, block_size, compute_dtype)
-    new_param, new_momentum = lion_update(
-        param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps
-    )
+    new_param, new_momentum = lion_update(param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps)
     param_bits = momentum_bits = None
     if rounding_keys is not None:
         param_key, momentum_key = rounding_keys

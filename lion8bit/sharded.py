@@ -4,19 +4,23 @@ The optimizer steps each rank's local shard: it hands the backends plain tensors
 of the param, its grad and its state), so no backend needs to know about DTensor. What this
 module decides:
 
-- State is allocated for the local shard only and kept as DTensors on the param's mesh, so
-  ``state_dict()`` and ``torch.distributed.checkpoint`` see where every shard belongs:
-  ``momentum`` / ``momentum_codes`` have the param's placements and global shape.
-- 8-bit absmax is per block of the LOCAL flat shard (the kernels quantize what they see). Its
-  DTensor has global shape ``(shards, blocks)``: one row per shard, padded with zeros to the
-  block count of the largest shard, so the rows split evenly (DTensor's chunk rule) and a
-  checkpoint records the sharding it was quantized for. Re-blocking 8-bit momentum for another
-  sharding would requantize it (not exact), so loading it on another sharding is refused.
+- Where a rank's shard sits in the whole parameter (:func:`flat_range`). FSDP2 shards dim 0
+  into contiguous row ranges (torch.chunk's rule), so a shard is one range [start, end) of the
+  whole parameter's flat, row-major elements, and stochastic rounding draws the bits of those
+  whole-parameter indices: the same bits at every world size. Other Shard layouts (Shard(1),
+  two sharded dims) are not one range: their bf16 / fp32 state works as before, with rounding
+  bits drawn per shard (the seed mixed with the shard's index, :func:`shard_seed`).
+- 8-bit momentum is quantized in blocks of the WHOLE parameter (block k = flat elements
+  [k*B, (k+1)*B)), the blocks an unsharded optimizer uses. That needs the shard to be one flat
+  range on one sharded mesh dim (FSDP2, HSDP); other layouts are refused for 8-bit state
+  (:func:`check_param`). A block cut by a shard boundary is held by each rank that has a piece
+  of it, with the same absmax on each (lion8bit/shard_blocks.py keeps it so every step).
+- State is allocated for the local shard only: ``momentum`` / ``momentum_codes`` are DTensors
+  placed like the param; ``momentum_absmax`` is, while training, a plain local tensor of the
+  blocks that overlap the shard (:func:`runtime_blocks`). ``state_dict()`` turns it into one
+  DTensor of the whole parameter's blocks (lion8bit/reshard.py), which reshards.
 - The cautious mean is over the whole parameter: the per-shard counts are summed with one
   all-reduce per (mesh, sharded mesh dims) in a bucket (:func:`count_reducer`).
-- Stochastic rounding draws bits by local element index, so each shard's key is the param's
-  seed mixed with the shard's index (:func:`shard_seed`): shards do not repeat one pattern, and
-  replicas of a shard (HSDP) draw the same bits and stay identical.
 
 Placements other than ``Shard`` and ``Replicate`` are refused.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,11 +37,13 @@ import torch
 from . import momentum as mom
 from . import quant
 
-_DENSE_KEYS = (mom.MOMENTUM, mom.MOMENTUM_CODES)  # state tensors placed like the param
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def is_sharded(tensor) -> bool:
     """True for a DTensor (every DTensor is stepped through its local tensor)."""
+    if type(tensor) in _PLAIN:  # the common case, without a module lookup (the step asks per tensor)
+        return False
     # No DTensor exists before torch.distributed.tensor is imported, and importing it costs
     # about as much as half of `import torch` (seen: 0.9 s of 2.0 s), so it is not imported here.
     module = sys.modules.get("torch.distributed.tensor")
@@ -51,8 +58,9 @@ def local(tensor):
         return tensor.to_local()
 
 
-def check_param(param: torch.Tensor, label: str) -> None:
-    """ValueError unless every placement of a DTensor param is Shard or Replicate."""
+def check_param(param: torch.Tensor, label: str, fmt: str) -> None:
+    """ValueError unless every placement of a DTensor param is Shard or Replicate, and, for 8-bit
+    momentum (``fmt``), its shards are ranges of the flat parameter on one mesh dim."""
     if not is_sharded(param):
         return
     unsupported = [p for p in param.placements if not _is_shard(p) and not p.is_replicate()]
@@ -60,6 +68,14 @@ def check_param(param: torch.Tensor, label: str) -> None:
         raise ValueError(
             f"Invalid placements of {label}: {param.placements} "
             "(Lion supports DTensor params placed with Shard and Replicate)"
+        )
+    if fmt == "8bit" and not blocks_fit(param):
+        raise ValueError(
+            f"Invalid placements of {label} for 8-bit state: {param.placements}. 8-bit momentum is "
+            "quantized in blocks of the whole parameter's flat elements, so each rank's shard must "
+            "be one range of them, sharded over one mesh dim (Shard(0) as fully_shard places "
+            'params, with Replicate on the other mesh dims); use state="bf16" or "fp32" for this '
+            "parameter (e.g. in a param group of its own)"
         )
 
 
@@ -75,7 +91,7 @@ def layout(tensor: torch.Tensor) -> str:
     return f"a DTensor placed {tensor.placements}" if is_sharded(tensor) else "a plain tensor"
 
 
-# -- layout ------------------------------------------------------------------------------------
+# -- where a shard sits ------------------------------------------------------------------------
 
 
 def _is_shard(placement) -> bool:
@@ -86,38 +102,122 @@ def _is_shard(placement) -> bool:
     return type(placement) is Shard
 
 
-def _sharded_mesh_dims(param) -> tuple[int, ...]:
+def sharded_mesh_dims(param) -> tuple[int, ...]:
     return tuple(i for i, p in enumerate(param.placements) if _is_shard(p))
 
 
-def _num_shards(param) -> int:
-    return math.prod(param.device_mesh.size(i) for i in _sharded_mesh_dims(param))
+def _sharded_dim(param) -> int | None:
+    """The one tensor dim the shards split, if every Shard splits the same one and the dims
+    before it have size 1 (so each shard is a range of the flat elements); else None."""
+    dims = {p.dim % param.ndim for p in param.placements if _is_shard(p)}
+    if len(dims) != 1:
+        return None
+    dim = dims.pop()
+    return dim if math.prod(param.shape[:dim]) == 1 else None
 
 
-def _max_local_numel(param) -> int:
-    # DTensor splits like torch.chunk: ceil(n / k) per chunk, so the first shard is the largest.
-    shape = list(param.shape)
-    for mesh_dim, placement in enumerate(param.placements):
-        if _is_shard(placement):
-            dim = placement.dim % len(shape)
-            shape[dim] = -(-shape[dim] // param.device_mesh.size(mesh_dim))
-    return math.prod(shape)
+def chunk_range(low: int, high: int, chunks: int, index: int) -> tuple[int, int]:
+    """Piece ``index`` of [low, high) split like torch.chunk (DTensor's Shard rule): pieces of
+    ceil(n / chunks), the last ones shorter or empty."""
+    size = -(-(high - low) // chunks)
+    return min(low + index * size, high), min(low + (index + 1) * size, high)
+
+
+@dataclass(frozen=True)
+class FlatRange:
+    """This rank's shard as flat elements [start, end) of a parameter of ``numel`` elements."""
+
+    start: int
+    end: int
+    numel: int
+
+
+def flat_range(param) -> FlatRange | None:
+    """Where this rank's shard of a DTensor param sits in the whole flat parameter, or None when
+    the shard is not one range (see :func:`_sharded_dim`). A param that no placement shards
+    is one range: all of it."""
+    numel = param.numel()
+    if not sharded_mesh_dims(param):
+        return FlatRange(0, numel, numel)
+    dim = _sharded_dim(param)
+    if dim is None:
+        return None
+    low, high = 0, param.shape[dim]
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim in sharded_mesh_dims(param):
+        low, high = chunk_range(low, high, param.device_mesh.size(mesh_dim), coordinate[mesh_dim])
+    row = math.prod(param.shape[dim + 1 :])
+    found = FlatRange(low * row, high * row, numel)
+    if local(param).numel() != found.end - found.start:
+        raise RuntimeError(
+            f"A DTensor of shape {tuple(param.shape)} placed {param.placements} has "
+            f"{local(param).numel()} local elements, torch.chunk's rule gives {found.end - found.start}: "
+            "this torch shards differently from what lion8bit/sharded.py expects"
+        )
+    return found
+
+
+def blocks_fit(param) -> bool:
+    """Whether 8-bit momentum of this DTensor param can use the whole parameter's blocks."""
+    return len(sharded_mesh_dims(param)) <= 1 and (
+        not sharded_mesh_dims(param) or _sharded_dim(param) is not None
+    )
+
+
+def shard_ranges(param) -> list[FlatRange]:
+    """Every shard of a param sharded over one mesh dim, in the order of that mesh dim's
+    coordinates (the same on every rank); [all of it] for a param no placement shards."""
+    numel = param.numel()
+    mesh_dims = sharded_mesh_dims(param)
+    if not mesh_dims:
+        return [FlatRange(0, numel, numel)]
+    dim = _sharded_dim(param)
+    row = math.prod(param.shape[dim + 1 :])
+    shards = param.device_mesh.size(mesh_dims[0])
+    ranges = (chunk_range(0, param.shape[dim], shards, index) for index in range(shards))
+    return [FlatRange(low * row, high * row, numel) for low, high in ranges]
+
+
+def runtime_blocks(shard: FlatRange, block_size: int) -> tuple[int, int]:
+    """The blocks [first, stop) that overlap a shard: what its local absmax holds."""
+    if shard.start == shard.end:
+        return 0, 0
+    return shard.start // block_size, quant.num_blocks(shard.end, block_size)
 
 
 def absmax_shape(param: torch.Tensor, block_size: int) -> tuple[int, ...]:
-    """Global shape of a param's 8-bit absmax: (blocks,), or (shards, blocks of the largest shard)."""
+    """Shape of a param's 8-bit absmax as the optimizer holds it: (blocks,) of the whole param,
+    or for a DTensor param the blocks that overlap this rank's shard."""
     if not is_sharded(param):
         return (quant.num_blocks(param.numel(), block_size),)
-    return (_num_shards(param), quant.num_blocks(_max_local_numel(param), block_size))
+    first, stop = runtime_blocks(flat_range(param), block_size)
+    return (stop - first,)
 
 
-def _absmax_placements(param) -> tuple:
-    from torch.distributed.tensor import Replicate, Shard
+def shard_index(param) -> int:
+    """This rank's shard of ``param``: its coordinates on the sharded mesh dims, row-major."""
+    coordinate = param.device_mesh.get_coordinate()
+    index = 0
+    for mesh_dim in sharded_mesh_dims(param):
+        index = index * param.device_mesh.size(mesh_dim) + coordinate[mesh_dim]
+    return index
 
-    return tuple(Shard(0) if _is_shard(p) else Replicate() for p in param.placements)
+
+def shard_seed(seed: int, param) -> int:
+    """The stochastic-rounding seed of this rank's shard of a param whose shards are not ranges
+    of its flat elements (their bits cannot be keyed on whole-parameter indices)."""
+    return quant.mix32(seed ^ quant.mix32(shard_index(param) + 1))
 
 
-def _like(local_tensor: torch.Tensor, mesh, placements, shape) -> torch.Tensor:
+# -- state -------------------------------------------------------------------------------------
+
+
+def like_param(local_tensor: torch.Tensor, param) -> torch.Tensor:
+    """A DTensor of ``local_tensor`` (this rank's shard) placed like ``param``."""
+    return dtensor(local_tensor, param.device_mesh, param.placements, param.shape)
+
+
+def dtensor(local_tensor: torch.Tensor, mesh, placements, shape) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(
@@ -130,105 +230,33 @@ def _like(local_tensor: torch.Tensor, mesh, placements, shape) -> torch.Tensor:
     )
 
 
-def shard_index(param) -> int:
-    """This rank's shard of ``param``: its coordinates on the sharded mesh dims, row-major."""
-    coordinate = param.device_mesh.get_coordinate()
-    index = 0
-    for mesh_dim in _sharded_mesh_dims(param):
-        index = index * param.device_mesh.size(mesh_dim) + coordinate[mesh_dim]
-    return index
-
-
-def shard_seed(seed: int, param) -> int:
-    """The stochastic-rounding seed of this rank's shard of a param whose seed is ``seed``."""
-    return quant.mix32(seed ^ quant.mix32(shard_index(param) + 1))
-
-
-# -- state -------------------------------------------------------------------------------------
-
-
 def new_momentum(
     param: torch.Tensor, fmt: str, block_size: int, empty: Callable = torch.empty
 ) -> dict[str, torch.Tensor]:
-    """Zero momentum buffers for ``param``; for a DTensor, local-shard buffers as DTensors."""
+    """Zero momentum buffers for ``param``; for a DTensor, local-shard buffers: the dense ones as
+    DTensors placed like it, the absmax of the blocks overlapping the shard as a plain tensor."""
     if not is_sharded(param):
         return mom.new_momentum(param, fmt, block_size, empty)
     local_param = local(param)
-    mesh, placements = param.device_mesh, param.placements
-    if fmt == "8bit":
-        codes = empty(local_param.shape, dtype=torch.uint8, device=local_param.device)
-        shards, blocks = absmax_shape(param, block_size)
-        absmax = empty((1, blocks), dtype=torch.float32, device=local_param.device)
-        return {
-            mom.MOMENTUM_CODES: _like(codes.fill_(quant.ZERO_CODE), mesh, placements, param.shape),
-            mom.MOMENTUM_ABSMAX: _like(
-                absmax.zero_(), mesh, _absmax_placements(param), (shards, blocks)
-            ),
-        }
     buffers = mom.new_momentum(local_param, fmt, block_size, empty)
-    return {key: _like(value, mesh, placements, param.shape) for key, value in buffers.items()}
+    if fmt == "8bit":
+        absmax = empty(absmax_shape(param, block_size), dtype=torch.float32, device=local_param.device)
+        buffers[mom.MOMENTUM_ABSMAX] = absmax.zero_()
+    return {
+        key: value if key == mom.MOMENTUM_ABSMAX else like_param(value, param)
+        for key, value in buffers.items()
+    }
 
 
-def local_entry(param: torch.Tensor, entry: dict, block_size: int) -> dict:
+def local_entry(param: torch.Tensor, entry: dict) -> dict:
     """The state entry the backends update: ``entry`` itself, or for a DTensor param a dict of
-    its local tensors (absmax trimmed to the shard's blocks, the seed made per shard)."""
+    its local tensors (and, for shards that are not flat ranges, the shard's own seed)."""
     if not is_sharded(param):
         return entry
     view = {key: local(value) for key, value in entry.items()}
-    if mom.MOMENTUM_ABSMAX in view:
-        blocks = quant.num_blocks(local(param).numel(), block_size)
-        view[mom.MOMENTUM_ABSMAX] = view[mom.MOMENTUM_ABSMAX][0, :blocks]
-    if mom.SR_SEED in view:
+    if mom.SR_SEED in view and flat_range(param) is None:
         view[mom.SR_SEED] = shard_seed(view[mom.SR_SEED], param)
     return view
-
-
-def check_momentum(entry: dict, param: torch.Tensor, fmt: str, block_size: int, where: str):
-    """:func:`lion8bit.momentum.check_momentum` for plain or DTensor params (ValueError naming
-    ``where``); DTensor state must sit on the param's mesh with the layout above."""
-    keys = [key for key in (*_DENSE_KEYS, mom.MOMENTUM_ABSMAX) if key in entry]
-    if not is_sharded(param):
-        for key in keys:
-            if is_sharded(entry[key]):
-                raise ValueError(f"{where}: {key} is a DTensor but the parameter is not")
-        mom.check_momentum(entry, param, fmt, block_size, where)
-        return
-    for key in keys:
-        value = entry[key]
-        if not is_sharded(value):
-            raise ValueError(
-                f"{where}: {key} is a {type(value).__name__}, expected a DTensor like the "
-                "parameter (load sharded state with torch.distributed.checkpoint.state_dict."
-                "set_optimizer_state_dict)"
-            )
-        placements = param.placements if key in _DENSE_KEYS else _absmax_placements(param)
-        if value.device_mesh != param.device_mesh or tuple(value.placements) != tuple(placements):
-            raise ValueError(
-                f"{where}: {key} is placed {value.placements} on {value.device_mesh}, "
-                f"expected {placements} on {param.device_mesh}"
-            )
-    if mom.MOMENTUM_ABSMAX in entry:
-        found = tuple(entry[mom.MOMENTUM_ABSMAX].shape)
-        expected = absmax_shape(param, block_size)
-        if found != expected:
-            raise ValueError(
-                f"{where}: {mom.MOMENTUM_ABSMAX} has shape {found} (shards, blocks per shard), "
-                f"this sharding needs {expected}. 8-bit momentum is quantized per local shard "
-                "and cannot be resharded exactly: resume on the sharding it was saved with, "
-                'or use state="bf16" / "fp32", which reshard exactly'
-            )
-    mom.check_momentum(local_entry(param, entry, block_size), local(param), fmt, block_size, where)
-
-
-def copy_state(value: torch.Tensor, param: torch.Tensor, empty: Callable = torch.empty):
-    """A copy of one loaded state tensor in a buffer from ``empty`` on the param's (local)
-    device; a DTensor stays a DTensor with the same layout."""
-    device = local(param).device
-    source = local(value)
-    copy = empty(source.shape, dtype=source.dtype, device=device).copy_(source)
-    if not is_sharded(value):
-        return copy
-    return _like(copy, value.device_mesh, value.placements, value.shape)
 
 
 def count_reducer(params: list[torch.Tensor]) -> Callable | None:
@@ -241,8 +269,8 @@ def count_reducer(params: list[torch.Tensor]) -> Callable | None:
     """
     positions: dict[tuple, list[int]] = {}
     for position, param in enumerate(params):
-        if is_sharded(param) and _sharded_mesh_dims(param):
-            key = (param.device_mesh, _sharded_mesh_dims(param))
+        if is_sharded(param) and sharded_mesh_dims(param):
+            key = (param.device_mesh, sharded_mesh_dims(param))
             positions.setdefault(key, []).append(position)
     if not positions:
         return None
@@ -253,10 +281,10 @@ def count_reducer(params: list[torch.Tensor]) -> Callable | None:
         counts = list(counts)
         for (mesh, mesh_dims), members in positions.items():
             stacked = torch.stack([counts[i] for i in members])
-            on_mesh = stacked.to(_mesh_device(mesh))
+            on_mesh = stacked.to(mesh_device(mesh))
             for mesh_dim in mesh_dims:
                 dist.all_reduce(on_mesh, group=mesh.get_group(mesh_dim))
-            for i, total in zip(members, on_mesh.to(stacked.device).unbind()):
+            for i, total in zip(members, on_mesh.to(stacked.device).unbind(), strict=True):
                 counts[i] = total
         return counts
 
@@ -277,14 +305,15 @@ def any_across(flag: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     import torch.distributed as dist
 
     for mesh in meshes:
-        value = flag.to(device=_mesh_device(mesh), dtype=torch.int32)
+        value = flag.to(device=mesh_device(mesh), dtype=torch.int32)
         for mesh_dim in range(mesh.ndim):
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
         flag = value.to(flag.device).bool()
     return flag
 
 
-def _mesh_device(mesh) -> torch.device:
+def mesh_device(mesh) -> torch.device:
+    """Where a mesh's collectives take their tensors."""
     # With FSDP2's CPU offload the state lives on the CPU while the mesh's group is NCCL.
     if mesh.device_type == "cpu":
         return torch.device("cpu")

@@ -26,7 +26,9 @@ FORMATS = ["8bit", "bf16", "fp32"]
 TAILS = [1, 255, 257, 4095, 4097]  # numels that are not whole blocks, stages or tiles
 LR, INITIAL_LR = 1e-3, 2e-3  # decoupled_initial_lr != lr, so decoupled weight decay changes the decay
 # weight_decay, cautious_factor, cautious_weight_decay, decoupled_weight_decay, maximize, stochastic_rounding
-OPTIONS = list(itertools.product([0.0, 0.3], [1.0, 0.5, 0.0], [False, True], [False, True], [False, True], [False, True]))
+OPTIONS = list(
+    itertools.product([0.0, 0.3], [1.0, 0.5, 0.0], [False, True], [False, True], [False, True], [False, True])
+)
 
 
 def option_id(options) -> str:
@@ -35,9 +37,15 @@ def option_id(options) -> str:
 
 def group_of(weight_decay, cautious_factor, cautious_wd, decoupled, maximize, sr) -> dict:
     return dict(
-        lr=LR, decoupled_initial_lr=INITIAL_LR, betas=(0.9, 0.99), weight_decay=weight_decay,
-        cautious_factor=cautious_factor, cautious_weight_decay=cautious_wd,
-        decoupled_weight_decay=decoupled, maximize=maximize, stochastic_rounding=sr,
+        lr=LR,
+        decoupled_initial_lr=INITIAL_LR,
+        betas=(0.9, 0.99),
+        weight_decay=weight_decay,
+        cautious_factor=cautious_factor,
+        cautious_weight_decay=cautious_wd,
+        decoupled_weight_decay=decoupled,
+        maximize=maximize,
+        stochastic_rounding=sr,
     )
 
 
@@ -45,7 +53,9 @@ def cpu_backends() -> list[str]:
     """The registered backends that take CPU tensors in this process ("triton" when its kernels
     were decorated for the interpreter: TRITON_INTERPRET=1, which tests/conftest.py sets)."""
     cpu = torch.device("cpu")
-    return [name for name in kernels.BACKENDS if kernels.available(name) and kernels.get(name).device_error(cpu, "") is None]
+    return [
+        name for name in kernels.BACKENDS if kernels.available(name) and kernels.get(name).device_error(cpu, "") is None
+    ]
 
 
 def native_cpu_backends() -> list[str]:
@@ -71,9 +81,10 @@ def make_tensor(numel, param_dtype, grad_dtype, fmt, generator, block_size=quant
     cautious weight decay's >=), an all-zero block, and scales across the codebook's decades."""
 
     def randn(*scale):
-        return torch.randn(numel, generator=generator) * torch.tensor(scale)[
-            torch.randint(len(scale), (numel,), generator=generator)
-        ]
+        return (
+            torch.randn(numel, generator=generator)
+            * torch.tensor(scale)[torch.randint(len(scale), (numel,), generator=generator)]
+        )
 
     param = randn(0.1, 1.0, 1e-3).to(param_dtype)
     grad = randn(1e-2, 1e-5, 1.0)
@@ -103,7 +114,7 @@ def batch(sizes, generator, block_size=quant.BLOCK_SIZE, pairings=PAIRINGS, form
         for param_dtype, grad_dtype in pairings
         for fmt in formats
     ]
-    params, grads, entries = (list(column) for column in zip(*tensors))
+    params, grads, entries = (list(column) for column in zip(*tensors, strict=True))
     return params, grads, entries, [mom.stored_format(entry) for entry in entries]
 
 
@@ -130,7 +141,9 @@ def reference_steps(
     scalars = lion_scalars(group)
     numels = numels or [p.numel() for p in params]
     element_offsets = element_offsets or [0] * len(params)
-    for param, grad, entry, fmt, numel, offset in zip(params, grads, entries, formats, numels, element_offsets):
+    for param, grad, entry, fmt, numel, offset in zip(
+        params, grads, entries, formats, numels, element_offsets, strict=True
+    ):
         cautious_steps = None
         if scalars.cautious:
             count = reference_aligned_count(grad, entry, scalars, fmt=fmt, block_size=block_size)
@@ -140,8 +153,15 @@ def reference_steps(
             seed, step = entry[mom.SR_SEED], entry[mom.STEP]
             keys = (written_rounding_key(seed, step, 0), written_rounding_key(seed, step, 1))
         reference_step(
-            param, grad, entry, scalars, fmt=fmt, block_size=block_size,
-            rounding_keys=keys, cautious_steps=cautious_steps, element_offset=offset,
+            param,
+            grad,
+            entry,
+            scalars,
+            fmt=fmt,
+            block_size=block_size,
+            rounding_keys=keys,
+            cautious_steps=cautious_steps,
+            element_offset=offset,
         )
 
 
@@ -150,7 +170,7 @@ def copies(params, entries):
 
 
 def assert_same_state(params, entries, expected_params, expected_entries, formats):
-    for index, (param, entry) in enumerate(zip(params, entries)):
+    for index, (param, entry) in enumerate(zip(params, entries, strict=True)):
         label = f"tensor {index} ({param.numel()} {param.dtype} {formats[index]})"
         assert_same_bits(param, expected_params[index], f"{label} param")
         for key, value in expected_entries[index].items():
@@ -167,8 +187,14 @@ def step_and_compare(
     every buffer must agree bit for bit. Returns the backend's (params, entries)."""
     ours = copies(params, entries)
     lion(
-        ours[0], grads, ours[1], formats, scalars=lion_scalars(group), block_size=block_size,
-        stochastic_rounding=group.get("stochastic_rounding", False), backend=backend,
+        ours[0],
+        grads,
+        ours[1],
+        formats,
+        scalars=lion_scalars(group),
+        block_size=block_size,
+        stochastic_rounding=group.get("stochastic_rounding", False),
+        backend=backend,
         element_offsets=element_offsets,
     )
     reference_steps(params, grads, entries, formats, group, block_size=block_size, element_offsets=element_offsets)

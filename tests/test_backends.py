@@ -39,7 +39,11 @@ from helpers import (
 
 SLOW_BACKENDS = {"triton"}  # interpreted: ~1000x slower per element
 CASES = [
-    pytest.param(name, options, "cpu", id=f"{name}-{option_id(options)}")
+    pytest.param(
+        name, options, "cpu", id=f"{name}-{option_id(options)}",
+        # the interpreter's cases take seconds each: a quarter of them in the inner loop
+        marks=[pytest.mark.slow] * (name in SLOW_BACKENDS and index % 28 != 0),
+    )
     for name in cpu_backends()
     for index, options in enumerate(OPTIONS)
     if name not in SLOW_BACKENDS or index % 7 == 0

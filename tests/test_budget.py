@@ -1,7 +1,10 @@
 """The memory-budget tool: catalog shapes, byte counts against what optimizers allocate, the CLI."""
 
+import functools
+import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,6 +112,10 @@ class _TiedMLP(torch.nn.Module):
 
 MODELS = {"gpt2-tiny": _tiny_gpt2, "llama-tiny": _tiny_llama, "cnn": _cnn, "tied-mlp": _TiedMLP}
 
+def _lion8bit(kind, params, rules):
+    return lion8bit.Lion(params, state=kind, min_8bit_size=rules.min_8bit_size, block_size=rules.block_size)
+
+
 MAKERS = {
     "adamw": lambda params, rules: torch.optim.AdamW(params, lr=1e-3),
     "sgd": lambda params, rules: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
@@ -116,10 +123,8 @@ MAKERS = {
     "bnb-adamw8bit": lambda params, rules: bnb.optim.AdamW8bit(params, min_8bit_size=rules.min_8bit_size),
     "bnb-lion8bit": lambda params, rules: bnb.optim.Lion8bit(params, min_8bit_size=rules.min_8bit_size),
     **{
-        key: (lambda kind: lambda params, rules: lion8bit.Lion(
-            params, state=kind, min_8bit_size=rules.min_8bit_size, block_size=rules.block_size
-        ))(kind)
-        for key, kind in (("lion8bit", "8bit"), ("lion-bf16", "bf16"), ("lion-fp32", "fp32"))
+        key: functools.partial(_lion8bit, kind)
+        for key, kind in (("lion8bit", "8bit"), ("lion8bit-bf16", "bf16"), ("lion8bit-fp32", "fp32"))
     },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -177,7 +182,8 @@ def test_predicted_bytes_equal_allocated(model_name, key, dtype, rules):
     else:
         model = {name: torch.nn.Parameter(p.detach().to(DTYPES[dtype])) for name, p in model.items()}
     optimizer = _one_step(model, key, rules)
-    row = compare(model, dtype, [key], min_8bit_size=rules.min_8bit_size, block_size=rules.block_size).row(key)
+    row = compare(model, dtype, [key], min_8bit_size=rules.min_8bit_size,
+                  block_size=rules.block_size).row(key)
     params = _params_of(model)
     assert row.state == _storage_bytes(_state_tensors(optimizer))
     assert row.weights == _storage_bytes(params)
@@ -185,7 +191,7 @@ def test_predicted_bytes_equal_allocated(model_name, key, dtype, rules):
     assert row.paged == 0
 
 
-@pytest.mark.parametrize("key", ["adamw", "bnb-adamw8bit", "lion8bit", "lion-bf16"])
+@pytest.mark.parametrize("key", ["adamw", "bnb-adamw8bit", "lion8bit", "lion8bit-bf16"])
 def test_mixed_counts_bf16_model_plus_fp32_master(key):
     """dtype="mixed" is: bf16 weights and grads, fp32 master weights stepped by the optimizer."""
     model = _cnn().to(torch.bfloat16)
@@ -193,7 +199,7 @@ def test_mixed_counts_bf16_model_plus_fp32_master(key):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer = MAKERS[key](master, budget.Rules())
-    for m, p in zip(master, model.parameters()):
+    for m, p in zip(master, model.parameters(), strict=True):
         m.grad = p.grad.float()  # the transient cast the step uses, not counted
     optimizer.step()
     row = compare(model, "mixed", [key]).row(key)
@@ -321,8 +327,8 @@ def test_module_function_is_built_on_meta(model_file, form):
 def test_hf_config_without_transformers_says_so(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(budget.CATALOG["gpt2"]))
-    real = budget.importlib.util.find_spec
-    monkeypatch.setattr(budget.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(ValueError, match=r"needs transformers \(pip install 'lion8bit\[hf\]'\)"):
         budget.model_shapes(str(path))
@@ -384,7 +390,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, model_file, c
     assert err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.parametrize("command", [[sys.executable, "-m", "lion8bit"], ["lion8bit"]], ids=["python-m", "console"])
+@pytest.mark.slow  # a fresh process each
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "lion8bit"], ["lion8bit"]],
+                         ids=["python-m", "console"])
 def test_console_entry_exit_codes(command):
     if command == ["lion8bit"]:
         script = shutil.which("lion8bit", path=str(Path(sys.executable).parent))
@@ -404,13 +412,16 @@ def test_list_names_every_catalog_model_and_optimizer(capsys):
 
 
 def test_json_output_is_exact_and_consistent(capsys):
-    assert budget.main(["budget", "llama-2-7b", "--json", "--gpu-gb", "24", "80", "--activation-gb", "1.5"]) == 0
+    argv = ["budget", "llama-2-7b", "--json", "--gpu-gb", "24", "80", "--activation-gb", "1.5"]
+    assert budget.main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["params"] == 6_738_415_616
     result = compare("llama-2-7b", gpu_gb=[24, 80], activation_gb=1.5)
     assert data == json.loads(json.dumps(result.to_dict()))
+    assert (data["activation_bytes"], data["activation_source"]) == (3 * GIB // 2, "given")
     for row in data["rows"]:
-        assert row["total"] == row["weights"] + row["grads"] + row["state"]
+        assert row["activations"] == 3 * GIB // 2
+        assert row["total"] == row["weights"] + row["grads"] + row["state"] + row["activations"]
     assert [gpu["gpu_gib"] for gpu in data["gpus"]] == [24.0, 80.0]
 
 
@@ -421,10 +432,27 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_table_matches_the_tool(capsys):
-    """README's "Memory budget" block is this command's output, verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Memory budget", 1)[1].split("\n## ", 1)[0]
-    command, output = re.search(r"```(?:bash|console)?\n\$ (lion8bit budget [^\n]+)\n(.*?)```", section, re.S).groups()
-    assert budget.main(command.split()[1:]) == 0
+def _docs_examples():
+    """The ```console blocks of docs/budget.md: a `lion8bit budget` command and its output."""
+    text = (ROOT / "docs" / "budget.md").read_text()
+    blocks = re.findall(r"```console\n\$ (lion8bit budget [^\n]+)\n(.*?)```", text, re.S)
+    # measuring activations also measures the candidates for "largest model": tens of seconds
+    return [
+        pytest.param(command, output, id=command, marks=[pytest.mark.slow] * ("--batch-size" in command))
+        for command, output in blocks
+    ]
+
+
+def test_docs_show_examples_with_and_without_activations():
+    commands = [param.values[0] for param in _docs_examples()]
+    assert any("--batch-size" not in c for c in commands)
+    measured = [c for c in commands if "--batch-size" in c]
+    assert any("--checkpointing full" in c for c in measured)
+    assert any("--checkpointing" not in c for c in measured)
+
+
+@pytest.mark.parametrize("command, output", _docs_examples())
+def test_docs_examples_are_the_tools_output(command, output, capsys):
+    """docs/budget.md's examples are these commands' output, verbatim."""
+    assert budget.main(shlex.split(command)[1:]) == 0
     assert capsys.readouterr().out == output

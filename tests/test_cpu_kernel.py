@@ -31,7 +31,7 @@ def kernel(request, monkeypatch):
     AVX-512."""
     if request.param not in _loaded:
         _loaded[request.param] = cpu_build.load(cpu_build.build(extra_flags=BUILDS[request.param]))
-    monkeypatch.setattr(kernels.get("cpu"), "_library", _loaded[request.param])
+    monkeypatch.setitem(cpu_lion._RUNTIME, "library", _loaded[request.param])
     return request.param
 
 
@@ -48,7 +48,7 @@ def test_portable_build_is_bit_exact(options):
     if "portable" not in _loaded:
         _loaded["portable"] = cpu_build.load(cpu_build.build(extra_flags=BUILDS["portable"]))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels.get("cpu"), "_library", _loaded["portable"])
+        patch.setitem(cpu_lion._RUNTIME, "library", _loaded["portable"])
         generator = torch.Generator().manual_seed(hash(options) % 2**31)
         step_and_compare("cpu", *batch(TAILS, generator), group_of(*options))
 
@@ -115,6 +115,7 @@ except RuntimeError as error:
 """
 
 
+@pytest.mark.slow  # a fresh process each
 @pytest.mark.parametrize("compiler", ["/nonexistent/c++", "false"], ids=["missing", "failing"])
 def test_without_a_compiler_auto_quietly_takes_torch_and_cpu_raises(tmp_path, compiler):
     environment = {"CXX": compiler, "LION8BIT_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}

@@ -16,10 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+pytest.importorskip("tqdm")  # the examples' progress bar: without it, skip rather than fail collection
 sys.path.insert(0, str(EXAMPLES))
 import _common as common  # noqa: E402  (the examples' shared module, not an installed package)
 
-pytestmark = pytest.mark.examples
+pytestmark = [pytest.mark.examples, pytest.mark.slow]  # each runs a script in a new process
 
 # script -> (the real data's --data name, is it installed, the CSV's metric column)
 SCRIPTS = {
@@ -75,7 +76,11 @@ def test_quick_run_writes_csv_png_and_table(tmp_path, script, data):
     [
         # No `bible` on PATH: what a machine without bible-kjv sees.
         ("train_char_lm.py", ["--data", "kjv"], "apt-get install bible-kjv bible-kjv-text"),
-        ("train_fashion_mnist.py", ["--data", "fashion-mnist", "--data-dir", "{tmp}"], "apt-get install dataset-fashion-mnist"),
+        (
+            "train_fashion_mnist.py",
+            ["--data", "fashion-mnist", "--data-dir", "{tmp}"],
+            "apt-get install dataset-fashion-mnist",
+        ),
     ],
 )
 def test_missing_data_fails_with_one_line_that_says_how_to_get_it(tmp_path, script, args, hint):

@@ -28,9 +28,9 @@ def snapshot(net, optimizer):
 
 def assert_unchanged(before, net, optimizer, ignore=(mom.STEP, mom.NONFINITE_SKIPS)):
     params, state = before
-    for old, new in zip(params, net.parameters()):
+    for old, new in zip(params, net.parameters(), strict=True):
         assert torch.equal(old, new.detach())
-    for (p_old, entry_old), (p_new, entry_new) in zip(state.items(), optimizer.state.items()):
+    for (_, entry_old), (_, entry_new) in zip(state.items(), optimizer.state.items(), strict=True):
         for key, value in entry_old.items():
             if key in ignore:
                 continue
@@ -110,7 +110,7 @@ def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poiso
         for n, o in ((net, optimizer), (clean, reference)):
             grads_for(n, seed)
             o.step()
-    for a, b in zip(net.parameters(), clean.parameters()):
+    for a, b in zip(net.parameters(), clean.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
 
@@ -193,7 +193,8 @@ def test_a_grad_reshaped_behind_autograds_back_is_rejected_naming_the_param():
     p.grad = torch.randn(3)
     optimizer = Lion([p])
     p.grad.data = torch.randn(4)
-    with pytest.raises(RuntimeError, match=r"Gradient of param_groups\[0\]\['params'\]\[0\] of shape \(3,\) has shape \(4,\)"):
+    message = r"Gradient of param_groups\[0\]\['params'\]\[0\] of shape \(3,\) has shape \(4,\)"
+    with pytest.raises(RuntimeError, match=message):
         optimizer.step()
     assert not optimizer.state
 
@@ -228,12 +229,14 @@ _RESUME = textwrap.dedent(
         optimizer.load_state_dict(checkpoint["optimizer"])
         train(range(5, 10))
         expected = torch.load(path + ".expected", weights_only=True)
-        same = all(torch.equal(a.view(torch.int16), b.detach().view(torch.int16)) for a, b in zip(expected, net.parameters()))
+        pairs = zip(expected, net.parameters(), strict=True)
+        same = all(torch.equal(a.view(torch.int16), b.detach().view(torch.int16)) for a, b in pairs)
         print("identical" if same else "DIFFERENT")
     """
 )
 
 
+@pytest.mark.slow  # two fresh processes
 @pytest.mark.parametrize("backend", native_cpu_backends())
 def test_checkpoint_written_mid_training_resumes_bit_exactly_in_a_fresh_process(tmp_path, backend):
     script = tmp_path / "resume.py"
@@ -242,7 +245,10 @@ def test_checkpoint_written_mid_training_resumes_bit_exactly_in_a_fresh_process(
     for mode in ("write", "read"):
         result = subprocess.run(
             [sys.executable, str(script), mode, str(tmp_path / "run"), backend],
-            capture_output=True, text=True, timeout=300, env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
         )
         assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "identical"

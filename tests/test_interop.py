@@ -105,7 +105,7 @@ def test_bitsandbytes_state_continues_like_bitsandbytes(state):
         else bnb_opt.state[p]["state1"].clone()
         for p in params
     }
-    for p, q in zip(params, ours):
+    for p, q in zip(params, ours, strict=True):
         fmt = mom.stored_format(optimizer.state[q])
         loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
         exact = expected[id(p)]
@@ -116,7 +116,7 @@ def test_bitsandbytes_state_continues_like_bitsandbytes(state):
     fill_grads(ours, 10)
     bnb_opt.step()
     optimizer.step()
-    for p, q in zip(params, ours):
+    for p, q in zip(params, ours, strict=True):
         if state != "bf16" or p.numel() < 4096:
             assert torch.equal(p, q)
         else:  # bf16 momentum holds the loaded values rounded: signs may differ at ties only
@@ -141,7 +141,7 @@ def test_lion_pytorch_state_loads(state, cautious):
     assert (group["lr"], group["weight_decay"]) == (2e-4, 0.3)
     if cautious:
         assert group["cautious_factor"] == 0.25 and group["cautious_weight_decay"] is True
-    for p, q in zip(params, ours):
+    for p, q in zip(params, ours, strict=True):
         fmt = mom.stored_format(optimizer.state[q])
         assert fmt == mom.momentum_format(q.numel(), state, 4096)
         loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
@@ -165,13 +165,13 @@ def test_export_to_lion_pytorch_continues_identically():
     theirs_params = params_like(params)
     theirs = lion_pytorch.Lion(theirs_params, lr=1.0)
     theirs.load_state_dict(exported)
-    for p, q in zip(params, theirs_params):
+    for p, q in zip(params, theirs_params, strict=True):
         assert torch.equal(theirs.state[q]["exp_avg"], ours.state[p][mom.MOMENTUM])
     fill_grads(params, 7)
     fill_grads(theirs_params, 7)
     ours.step()
     theirs.step()
-    for p, q in zip(params, theirs_params):
+    for p, q in zip(params, theirs_params, strict=True):
         assert torch.equal(p, q)
 
 

@@ -17,7 +17,7 @@ def param(*shape, dtype=torch.float32):
 
 
 def test_public_api():
-    assert lion8bit.__all__ == ["Lion", "Lion8bit", "PagedLion8bit"]
+    assert lion8bit.__all__ == ["Lion", "Lion8bit", "PagedLion8bit", "param_groups"]
     assert issubclass(Lion8bit, torch.optim.Optimizer)
 
 
@@ -82,7 +82,9 @@ def test_bad_gradients_raise_naming_the_param():
 
 def test_drop_in_keywords():
     p = param(3)
-    lion_pytorch_style = Lion([p], lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False, decoupled_weight_decay=True)
+    lion_pytorch_style = Lion(
+        [p], lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False, decoupled_weight_decay=True
+    )
     assert lion_pytorch_style.param_groups[0]["decoupled_weight_decay"] is True
     cautious_style = Lion([p], cautious_factor=0.0, cautious_wd=True)
     assert cautious_style.param_groups[0]["cautious_weight_decay"] is True
@@ -95,7 +97,9 @@ def test_drop_in_keywords():
     assert Lion([p], is_paged=True).param_groups[0]["paged"] is True
 
 
-@pytest.mark.parametrize("cls, forced", [(Lion8bit, dict(state="8bit")), (PagedLion8bit, dict(state="8bit", paged=True))])
+@pytest.mark.parametrize(
+    "cls, forced", [(Lion8bit, dict(state="8bit")), (PagedLion8bit, dict(state="8bit", paged=True))]
+)
 def test_aliases_equal_lion_with_their_options(cls, forced):
     a, b = param(80, 80), param(80, 80)
     b.data.copy_(a.data)

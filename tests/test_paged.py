@@ -43,7 +43,9 @@ def train(optimizer, params, steps, seed=1):
 
 
 def momentum_buffers(optimizer, param):
-    return [v for k, v in optimizer.state[param].items() if k in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX)]
+    return [
+        v for k, v in optimizer.state[param].items() if k in (mom.MOMENTUM, mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX)
+    ]
 
 
 def paged_bytes_of(params):
@@ -57,9 +59,11 @@ def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
     optimizer, unpaged = PagedLion8bit(params, **OPTIONS), Lion8bit(twins, **OPTIONS)
     train(optimizer, params, 5)
     train(unpaged, twins, 5)
-    for param, twin in zip(params, twins):
+    for param, twin in zip(params, twins, strict=True):
         assert torch.equal(param, twin)
-        assert all(paged.is_paged(b) == (param.numel() >= mom.PAGED_MIN_NUMEL) for b in momentum_buffers(optimizer, param))
+        assert all(
+            paged.is_paged(b) == (param.numel() >= mom.PAGED_MIN_NUMEL) for b in momentum_buffers(optimizer, param)
+        )
     assert paged.allocated_bytes() - before == paged_bytes_of(params)
 
 
@@ -87,15 +91,19 @@ def test_paging_survives_load_state_dict():
     for state_dict in (optimizer.state_dict(), _on_cpu(optimizer.state_dict())):
         loaded = PagedLion8bit(make_params(), **OPTIONS)
         loaded.load_state_dict(state_dict)
-        for param, twin in zip(params, loaded.param_groups[0]["params"]):
-            for buffer, original in zip(momentum_buffers(loaded, twin), momentum_buffers(optimizer, param)):
+        for param, twin in zip(params, loaded.param_groups[0]["params"], strict=True):
+            for buffer, original in zip(
+                momentum_buffers(loaded, twin), momentum_buffers(optimizer, param), strict=True
+            ):
                 assert paged.is_paged(buffer) == (param.numel() >= mom.PAGED_MIN_NUMEL)
                 assert buffer.dtype == original.dtype and torch.equal(buffer, original)
 
 
 def _on_cpu(state_dict):
     return {
-        "state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in e.items()} for k, e in state_dict["state"].items()},
+        "state": {
+            k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in e.items()} for k, e in state_dict["state"].items()
+        },
         "param_groups": state_dict["param_groups"],
     }
 
@@ -203,7 +211,9 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
     original = lion8bit.optimizer.lion  # the functional, as the optimizer calls it
 
     def recording_lion(params, grads, entries, *args, **kwargs):
-        events.append(("update", [entry[mom.MOMENTUM_CODES].data_ptr() for entry in entries if mom.MOMENTUM_CODES in entry]))
+        events.append(
+            ("update", [entry[mom.MOMENTUM_CODES].data_ptr() for entry in entries if mom.MOMENTUM_CODES in entry])
+        )
         return original(params, grads, entries, *args, **kwargs)
 
     monkeypatch.setattr(lion8bit.optimizer, "lion", recording_lion)
@@ -216,9 +226,11 @@ def test_a_paged_group_updates_one_tensor_at_a_time_each_prefetched_just_before(
         optimizer.step()
     codes = [optimizer.state[p][mom.MOMENTUM_CODES].data_ptr() for p in (params[0], params[2])]
     assert events == [
-        ("prefetch", codes[0]), ("update", [codes[0]]),
+        ("prefetch", codes[0]),
+        ("update", [codes[0]]),
         ("update", []),  # the small param keeps fp32 momentum: nothing to prefetch
-        ("prefetch", codes[1]), ("update", [codes[1]]),
+        ("prefetch", codes[1]),
+        ("update", [codes[1]]),
     ]
 
 
@@ -234,7 +246,9 @@ def test_loaded_state_of_a_paged_group_lands_in_buffers_from_its_allocator(monke
         return tensor
 
     monkeypatch.setattr(
-        lion8bit.optimizer.Lion, "_allocator", lambda self, param, group: recording_empty if group["paged"] else torch.empty
+        lion8bit.optimizer.Lion,
+        "_allocator",
+        lambda self, param, group: recording_empty if group["paged"] else torch.empty,
     )
 
     def make(seed=0):
@@ -445,9 +459,7 @@ def test_the_runtime_is_found_after_torch_initialises_cuda(fake_runtime_files, m
     assert initialised == [True] and runtime.source == path and runtime.version == 13000
 
 
-def test_the_first_loaded_library_with_every_function_is_used_and_nothing_new_is_loaded(
-    fake_runtime_files, tmp_path
-):
+def test_the_first_loaded_library_with_every_function_is_used_and_nothing_new_is_loaded(fake_runtime_files, tmp_path):
     not_loaded = tmp_path / "libcudart.so.99"
     shutil.copy(fake_runtime_files[12080], not_loaded)
     loaded = fake_runtime_files[13000]

@@ -66,8 +66,12 @@ def test_fp32_state_matches_lion_pytorch(weight_decay, decoupled):
 @pytest.mark.parametrize("cautious_factor, cautious_wd", [(0.5, False), (0.5, True), (0.0, False)])
 def test_cautious_matches_lion_pytorch_cautious_lion(cautious_factor, cautious_wd):
     theirs, ours = _pair((300, 50))
-    their_opt = CautiousLionPytorch([theirs], lr=LR, weight_decay=0.1, cautious_factor=cautious_factor, cautious_wd=cautious_wd)
-    our_opt = Lion([ours], lr=LR, weight_decay=0.1, state="fp32", cautious_factor=cautious_factor, cautious_wd=cautious_wd)
+    their_opt = CautiousLionPytorch(
+        [theirs], lr=LR, weight_decay=0.1, cautious_factor=cautious_factor, cautious_wd=cautious_wd
+    )
+    our_opt = Lion(
+        [ours], lr=LR, weight_decay=0.1, state="fp32", cautious_factor=cautious_factor, cautious_wd=cautious_wd
+    )
     step_both(theirs, their_opt, ours, our_opt)
     torch.testing.assert_close(ours, theirs, **FP32_STATE_TOLERANCE)
 
@@ -113,7 +117,9 @@ def test_within_bitsandbytes_tolerances_of_lion_pytorch(dtype, shape, weight_dec
         their_opt.step()
         our_opt.step()
         our_momentum = momentum_of(our_opt, ours)
-        not_close = ~torch.isclose(their_opt.state[theirs]["exp_avg"], our_momentum, atol=BNB_STATE_ATOL, rtol=BNB_STATE_RTOL)
+        not_close = ~torch.isclose(
+            their_opt.state[theirs]["exp_avg"], our_momentum, atol=BNB_STATE_ATOL, rtol=BNB_STATE_RTOL
+        )
         assert not_close.sum() < BNB_STATE_MAX_NOT_CLOSE
         error = (theirs - ours.float()).abs()
         assert error.mean() < mean_bound

@@ -201,7 +201,8 @@ def test_random_bits_are_a_function_of_key_and_index():
 def _neighbours(values: torch.Tensor, dtype: torch.dtype):
     """(toward zero, away from zero) representable neighbours, via float64 nextafter on the grid."""
     nearest = values.to(dtype)
-    toward = torch.where(nearest.double().abs() > values.double().abs(), torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    rounded_away = nearest.double().abs() > values.double().abs()
+    toward = torch.where(rounded_away, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
     away = torch.nextafter(toward, toward.double().sign().to(dtype) * torch.tensor(float("inf"), dtype=dtype))
     away = torch.where(toward == 0, torch.nextafter(toward, values.sign().to(dtype)), away)
     return toward, away
@@ -228,7 +229,9 @@ def test_stochastic_rounding_is_exactly_unbiased(dtype, shift, resolution, value
     toward, away = _neighbours(values[:1], dtype)
     assert set(rounded.double().unique().tolist()) <= {toward.double().item(), away.double().item()}
     mean = rounded.double().mean().item()
-    assert mean == pytest.approx(float(np.float32(value)), rel=0, abs=abs(away.double().item() - toward.double().item()) / steps * 1.0001)
+    assert mean == pytest.approx(
+        float(np.float32(value)), rel=0, abs=abs(away.double().item() - toward.double().item()) / steps * 1.0001
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -32,7 +32,7 @@ def numpy_lion(param, grads, lrs, *, beta1, beta2, weight_decay, cautious_factor
     p = param.copy()
     m = np.zeros_like(p)
     initial_lr = lrs[0]
-    for g, lr in zip(grads, lrs):
+    for g, lr in zip(grads, lrs, strict=True):
         g = -g if maximize else g
         u = np.sign(beta1 * m + (1 - beta1) * g)
         if cautious_factor < 1:
@@ -65,7 +65,7 @@ def test_reference_matches_independent_float64_loop(cautious_factor, cautious_wd
 
     p = torch.from_numpy(param)
     m = torch.zeros_like(p)
-    for g, lr in zip(grads, lrs):
+    for g, lr in zip(grads, lrs, strict=True):
         group = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, decoupled_initial_lr=lrs[0],
             decoupled_weight_decay=decoupled, cautious_factor=cautious_factor,

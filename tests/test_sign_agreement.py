@@ -59,7 +59,7 @@ def sign_agreement(states=("8bit", "bf16"), steps: int = STEPS, seed: int = 0) -
         updates = {}
         for kind, params in shadows.items():
             with torch.no_grad():
-                for shadow, param in zip(params, model.parameters()):
+                for shadow, param in zip(params, model.parameters(), strict=True):
                     shadow.zero_()
                     shadow.grad = param.grad.clone()
             optimizers[kind].step()

@@ -47,7 +47,7 @@ def snapshot(optimizer):
 def assert_same_state(a, b):
     assert len(a.state) == len(b.state)
     for pa, pb in zip(
-        [p for g in a.param_groups for p in g["params"]], [p for g in b.param_groups for p in g["params"]]
+        [p for g in a.param_groups for p in g["params"]], [p for g in b.param_groups for p in g["params"]], strict=True
     ):
         ea, eb = a.state[pa], b.state[pb]
         assert ea.keys() == eb.keys()
@@ -85,7 +85,7 @@ def test_resume_is_bit_exact(state, dtype, stochastic_rounding, backend):
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     train(resumed, resumed_opt, 6, seed=2)
 
-    for a, b in zip(straight.parameters(), resumed.parameters()):
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert_same_state(straight_opt, resumed_opt)
 
@@ -126,7 +126,7 @@ def test_resume_with_decoupled_weight_decay_under_an_lr_schedule_is_bit_exact():
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     resumed_schedule.load_state_dict(checkpoint["schedule"])
     run(resumed, resumed_opt, resumed_schedule, 3, seed=2)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed_opt.param_groups[0]["decoupled_initial_lr"] == 2e-3
 
@@ -243,7 +243,7 @@ def test_corrupted_state_is_rejected_and_nothing_changes(corrupt, message):
     after = snapshot(target)
     assert before["groups"][0]["lr"] == after["groups"][0]["lr"]
     assert len(before["state"]) == len(after["state"])
-    for entry_before, entry_after in zip(before["state"].values(), after["state"].values()):
+    for entry_before, entry_after in zip(before["state"].values(), after["state"].values(), strict=True):
         assert entry_before.keys() == entry_after.keys()
         for key, value in entry_before.items():
             if isinstance(value, torch.Tensor):

@@ -461,15 +461,13 @@ def test_a_triton_older_than_the_tested_range_is_refused_naming_both_versions(mo
     monkeypatch.setattr(
         importlib.metadata, "version", lambda name: "3.5.1" if name == "triton" else real(name)
     )
-    kernels.get.cache_clear()
-    kernels.available.cache_clear()
+    kernels.forget()
     try:
         expected = r"needs triton >= 3\.6 \(tested: 3\.6 to 3\.9\), found 3\.5\.1"
         with pytest.raises(RuntimeError, match=expected):
             kernels.resolve("triton", torch.device("cuda", 0))
         assert not kernels.available("triton")
     finally:
-        kernels.get.cache_clear()
-        kernels.available.cache_clear()
+        kernels.forget()
     monkeypatch.undo()
     assert kernels.available("triton")

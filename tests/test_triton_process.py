@@ -18,6 +18,7 @@ from lion8bit import kernels
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow  # a pytest process of its own: ~20 s with a warm Triton cache, minutes without
 @pytest.mark.skipif(not kernels.interpreting(), reason="this process compiles: test_triton_compile.py runs here")
 def test_compile_checks_pass_in_a_process_without_the_interpreter():
     tests = Path(__file__).parent

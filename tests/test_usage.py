@@ -26,7 +26,7 @@ def set_grads(params, generator, every=None):
 
 
 def assert_same(params, twins):
-    for p, q in zip(params, twins):
+    for p, q in zip(params, twins, strict=True):
         assert torch.equal(p.detach().contiguous(), q.detach())
 
 
@@ -72,11 +72,11 @@ def test_grads_only_on_some_steps_and_zero_grad_modes():
     optimizer.zero_grad(set_to_none=False)
     before = [p.detach().clone() for p in params]
     optimizer.step()
-    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
     optimizer.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in params]
     optimizer.step()
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
 def test_add_param_group_after_steps():
@@ -124,6 +124,7 @@ COMPILED_OUTPUT_ATOL = 1e-5
 STEP_MOVES_OUTPUTS_BY = 1e-3
 
 
+@pytest.mark.slow  # Inductor compiles the model: ~15 s
 def test_a_compiled_model_sees_every_update_and_its_grads_step_as_the_reference():
     """torch.compile(model) trained with Lion: each step updates the params the compiled graph
     reads (its next output is the eager model's on the new params, not a stale one), and the
@@ -138,7 +139,7 @@ def test_a_compiled_model_sees_every_update_and_its_grads_step_as_the_reference(
         optimizer.zero_grad()
         before = compiled(x)
         before.square().mean().backward()
-        for p, q in zip(model.parameters(), twins):
+        for p, q in zip(model.parameters(), twins, strict=True):
             q.grad = p.grad.clone()
         optimizer.step()
         twin_optimizer.step()

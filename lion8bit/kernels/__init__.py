@@ -18,7 +18,6 @@ the functional :func:`lion8bit.functional.lion` calls it. Modules load lazily, s
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -42,10 +41,11 @@ class Backend(Protocol):
 
     - ``params``, ``grads``: contiguous tensors on one device, updated in place (params); grads
       of the param dtype or fp32; zero-size tensors included.
-    - ``momenta``: per tensor, a dict of its contiguous momentum buffers — ``momentum_codes``
+    - ``momenta``: per tensor, a dict holding its contiguous momentum buffers — ``momentum_codes``
       (uint8) and ``momentum_absmax`` (fp32) for "8bit", ``momentum`` (bf16 or fp32) otherwise
-      (keys of :mod:`lion8bit.momentum`); updated in place. Write into them, never replace them:
-      they may be views of sharded or staged state.
+      (keys of :mod:`lion8bit.momentum`; other keys, such as a state entry's ``step``, are
+      ignored); updated in place. Write into them, never replace them: they may be views of
+      sharded or staged state.
     - ``formats``: per tensor, "8bit" | "bf16" | "fp32".
     - ``scalars``: the group's :class:`~lion8bit.reference.LionScalars`; ``block_size``: elements
       per absmax block.
@@ -128,18 +128,32 @@ def _check_triton() -> None:
 _MODULES = {"torch": "torch_lion", "cpu": "cpu_lion", "triton": "triton_lion"}
 
 
-@functools.cache
-def get(name: str) -> Backend:
-    """The registered backend ``name``; :class:`UnavailableBackend` saying why if it is not."""
+# name -> the loaded backend, or the UnavailableBackend saying why not. A plain dict, not a
+# functools cache: torch.compile traces through a dict lookup (and warns about lru_cache).
+_LOADED: dict[str, object] = {}
+
+
+def _load(name: str):
     if name not in _MODULES:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {BACKENDS})")
-    if name == "triton":
-        _check_triton()
-    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    return module.load()
+    try:
+        if name == "triton":
+            _check_triton()
+        return importlib.import_module(f"{__name__}.{_MODULES[name]}").load()
+    except UnavailableBackend as error:
+        return error
 
 
-@functools.cache
+def get(name: str) -> Backend:
+    """The registered backend ``name``; :class:`UnavailableBackend` saying why if it is not."""
+    loaded = _LOADED.get(name)
+    if loaded is None:
+        loaded = _LOADED[name] = _load(name)
+    if isinstance(loaded, UnavailableBackend):
+        raise loaded
+    return loaded
+
+
 def available(name: str) -> bool:
     """Whether backend ``name`` is registered in this process."""
     try:
@@ -147,6 +161,11 @@ def available(name: str) -> bool:
     except UnavailableBackend:
         return False
     return True
+
+
+def forget() -> None:
+    """Forget what was loaded, so the next call looks again (tests change the environment)."""
+    _LOADED.clear()
 
 
 def resolve(requested: str, device: torch.device, what: str = "tensors") -> Backend:
@@ -178,6 +197,30 @@ _BUFFER_DTYPES = {
 }
 
 
+def _tensor_is_valid(param, grad, momentum, fmt, offset, block_size) -> bool:
+    """The common case of :func:`check_tensors`, in as few operations as possible."""
+    expected = _BUFFER_DTYPES.get(fmt)
+    if expected is None:
+        return False
+    numel, device = param.numel(), param.device
+    if (
+        param.dtype not in _PARAM_DTYPES
+        or (grad.dtype is not param.dtype and grad.dtype is not torch.float32)
+        or grad.numel() != numel
+        or grad.device != device
+        or not (param.is_contiguous() and grad.is_contiguous())
+    ):
+        return False
+    for key, dtype in expected.items():
+        buffer = momentum.get(key)
+        if buffer is None or buffer.dtype is not dtype or buffer.device != device or not buffer.is_contiguous():
+            return False
+        size = quant.num_blocks(numel, block_size) if key == mom.MOMENTUM_ABSMAX else numel
+        if buffer.numel() != size:
+            return False
+    return type(offset) is int and offset >= 0 and not (fmt == "8bit" and offset % block_size)
+
+
 def check_tensors(backend: str, params, grads, momenta, formats, block_size: int, element_offsets=None) -> None:
     """ValueError unless the tensors are what the contract promises: dtypes, sizes, one device,
     contiguity. A fused kernel reads raw memory, so a wrong buffer (a bf16 absmax read as fp32)
@@ -186,36 +229,37 @@ def check_tensors(backend: str, params, grads, momenta, formats, block_size: int
         element_offsets is not None and len(element_offsets) != len(params)
     ):
         raise ValueError(f'Invalid call of backend="{backend}": lists of different lengths')
-    for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
-        where = f'backend="{backend}", tensor {index}'
-        if param.dtype not in _PARAM_DTYPES or grad.dtype not in (param.dtype, torch.float32):
-            raise ValueError(f"Invalid dtypes for {where}: param {param.dtype}, grad {grad.dtype}")
-        if fmt not in _BUFFER_DTYPES:
-            raise ValueError(f"Invalid momentum format for {where}: {fmt!r}")
-        expected = _BUFFER_DTYPES[fmt]
-        if set(momentum) != set(expected):
-            raise ValueError(f"Invalid momentum buffers for {where}: {sorted(momentum)}, expected {sorted(expected)}")
-        sizes = {key: param.numel() for key in expected}
-        if fmt == "8bit":
-            sizes[mom.MOMENTUM_ABSMAX] = quant.num_blocks(param.numel(), block_size)
-        for tensor, what, dtype, numel in [
-            (grad, "grad", grad.dtype, param.numel()),
-            *((momentum[key], key, expected[key], sizes[key]) for key in expected),
-        ]:
-            if tensor.dtype != dtype:
-                raise ValueError(f"Invalid {what} for {where}: dtype {tensor.dtype}, expected {dtype}")
-            if tensor.numel() != numel:
-                raise ValueError(f"Invalid {what} for {where}: {tensor.numel()} elements, expected {numel}")
-            if tensor.device != param.device or not tensor.is_contiguous():
-                raise ValueError(f"Invalid {what} for {where}: must be contiguous, on the param's {param.device}")
-        if not param.is_contiguous():
-            raise ValueError(f"Invalid param for {where}: must be contiguous")
-        if element_offsets is not None:
-            offset = element_offsets[index]
-            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or (
-                fmt == "8bit" and offset % block_size
-            ):
-                raise ValueError(
-                    f"Invalid element offset for {where}: {offset!r} (a non-negative int; for 8-bit state "
-                    f"a multiple of block_size={block_size})"
-                )
+    offsets = element_offsets or (0,) * len(params)
+    for index, row in enumerate(zip(params, grads, momenta, formats, offsets, strict=True)):
+        if not _tensor_is_valid(*row, block_size):
+            _diagnose(f'backend="{backend}", tensor {index}', *row, block_size)
+
+
+def _diagnose(where: str, param, grad, momentum, fmt, offset, block_size: int) -> None:
+    """Raise the ValueError that says what is wrong with one tensor's arguments."""
+    if param.dtype not in _PARAM_DTYPES or grad.dtype not in (param.dtype, torch.float32):
+        raise ValueError(f"Invalid dtypes for {where}: param {param.dtype}, grad {grad.dtype}")
+    if fmt not in _BUFFER_DTYPES:
+        raise ValueError(f"Invalid momentum format for {where}: {fmt!r}")
+    expected = _BUFFER_DTYPES[fmt]
+    if not set(expected) <= set(momentum):
+        raise ValueError(f"Invalid momentum buffers for {where}: {sorted(momentum)}, expected {sorted(expected)}")
+    sizes = {key: param.numel() for key in expected}
+    if fmt == "8bit":
+        sizes[mom.MOMENTUM_ABSMAX] = quant.num_blocks(param.numel(), block_size)
+    for tensor, what, dtype, numel in [
+        (grad, "grad", grad.dtype, param.numel()),
+        *((momentum[key], key, expected[key], sizes[key]) for key in expected),
+    ]:
+        if tensor.dtype != dtype:
+            raise ValueError(f"Invalid {what} for {where}: dtype {tensor.dtype}, expected {dtype}")
+        if tensor.numel() != numel:
+            raise ValueError(f"Invalid {what} for {where}: {tensor.numel()} elements, expected {numel}")
+        if tensor.device != param.device or not tensor.is_contiguous():
+            raise ValueError(f"Invalid {what} for {where}: must be contiguous, on the param's {param.device}")
+    if not param.is_contiguous():
+        raise ValueError(f"Invalid param for {where}: must be contiguous")
+    raise ValueError(
+        f"Invalid element offset for {where}: {offset!r} (a non-negative int; for 8-bit state "
+        f"a multiple of block_size={block_size})"
+    )

@@ -95,7 +95,16 @@ def build(cxx: str | None = None, directory: Path | None = None, extra_flags: tu
     for tuning in TUNING:
         flags = FLAGS + tuning + tuple(extra_flags)
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), *(h.read_text() for h in HEADERS), executable, version, " ".join(flags), _cpu_identity()]).encode()
+            "\0".join(
+                [
+                    SOURCE.read_text(),
+                    *(h.read_text() for h in HEADERS),
+                    executable,
+                    version,
+                    " ".join(flags),
+                    _cpu_identity(),
+                ]
+            ).encode()
         ).hexdigest()[:16]
         target = directory / f"cpu_lion-{key}.so"
         if target.exists():
@@ -103,9 +112,7 @@ def build(cxx: str | None = None, directory: Path | None = None, extra_flags: tu
         # Compile to a private name, then rename: concurrent processes never load a partial file.
         handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(handle)
-        result = subprocess.run(
-            [executable, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True
-        )
+        result = subprocess.run([executable, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True)
         if result.returncode == 0:
             os.replace(partial, target)
             return target

@@ -106,7 +106,7 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
     const bool cautious = steps != nullptr;
     int64_t staged_from = item.start;
 #if defined(__AVX512F__)
-    if (d[FORMAT] == Q8 && o.block_size >= 16 && d[PARAM_DTYPE] != F16 && d[GRAD_DTYPE] != F16) {
+    if (d[FORMAT] == Q8 && o.block_size >= 16 && !(param_key >= 0 && d[PARAM_DTYPE] == F16)) {
       // Whole blocks here; a tensor's partial last block goes through the stages below.
       staged_from = item.start + (item.end - item.start) / o.block_size * o.block_size;
       step_8bit_vectors(d, o, t, item.start, staged_from, cautious, aligned_step, misaligned_step,

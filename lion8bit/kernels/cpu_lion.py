@@ -12,14 +12,16 @@ the backend is not registered (:func:`load` raises :class:`~lion8bit.kernels.Una
 
 from __future__ import annotations
 
+import array
 import ctypes
-import functools
+import itertools
+import operator
 
 import torch
 
 from .. import momentum as mom
 from .. import quant
-from . import UnavailableBackend, check_tensors, cpu_build
+from . import STEP_SCALARS, UnavailableBackend, check_tensors, cpu_build
 
 # Descriptor row of one tensor, and the codes of cpu_lion.cpp's enums (same order).
 _FIELDS = 11
@@ -35,7 +37,6 @@ _TOP = 1
 _LEVELS_SIZE = 176
 
 
-@functools.lru_cache(maxsize=None)
 def requantizer_levels() -> torch.Tensor:
     """The 128 positive decision thresholds, rounded down to fp32, as binary-search levels.
 
@@ -65,15 +66,6 @@ def _pointer(tensor: torch.Tensor, kind):
     return ctypes.cast(tensor.data_ptr(), kind)
 
 
-def _scalars(scalars) -> torch.Tensor:
-    # Rounded to fp32 once, as torch rounds a Python float operand of an fp32 tensor op.
-    values = [
-        scalars.beta1, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
-        scalars.decay, scalars.lr,
-    ]
-    return torch.tensor(values, dtype=torch.float32)
-
-
 def _flags(scalars, stochastic_rounding: bool) -> int:
     flags = _MAXIMIZE if scalars.maximize else 0
     if scalars.cautious and scalars.cautious_factor == 0.0:
@@ -85,88 +77,358 @@ def _flags(scalars, stochastic_rounding: bool) -> int:
     return flags
 
 
-def _descriptors(params, grads, momenta, formats, rounding_keys, element_offsets=None) -> tuple[torch.Tensor, list[int]]:
-    """(int64 descriptor rows of the non-empty tensors, their positions in the lists)."""
-    rows, positions = [], []
-    for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
-        if param.numel() == 0:
-            continue
-        if fmt == "8bit":
-            state, absmax = momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX].data_ptr()
+# The library, its tables, and a thread count, once loaded (load()); the ops below read them.
+_RUNTIME: dict[str, object] = {}
+
+
+_BUFFER_DTYPES = {0: torch.uint8, 1: torch.bfloat16, 2: torch.float32}  # by _FORMATS code
+_FORMAT_NAMES = {code: name for name, code in _FORMATS.items()}
+
+
+_data_ptr, _numel, _contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_dtype, _is_cpu = operator.attrgetter("dtype"), operator.attrgetter("is_cpu")
+
+
+def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, element_offsets, block_size):
+    """(descriptor rows of the non-empty tensors as one int64 array, their positions).
+
+    Checks every tensor first (kernels.check_tensors' rules: the kernel reads raw memory, so a
+    wrong buffer must raise, not be read out of bounds). Both are done a column at a time,
+    with map() over the tensors' own methods: the per-tensor bytecode of a Python loop cost
+    more than the C++ step of a small tensor (measured: 5 of 12.6 us per tensor of 64 elements).
+    The rows are an array.array: torch.tensor(list) of ints took 4x as long here.
+    """
+    count = len(params)
+    if not len(grads) == len(buffers) == len(formats) == count or (element_offsets and len(element_offsets) != count):
+        raise ValueError('Invalid call of backend="cpu": lists of different lengths')
+    numels = list(map(_numel, params))
+    param_types = list(map(_DTYPES.get, map(_dtype, params)))
+    grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
+    buffer_types = list(map(_dtype, buffers))
+    absmax_blocks = [-(-n // block_size) for n, f in zip(numels, formats, strict=True) if f == 0]  # quant.num_blocks
+    offsets = list(element_offsets) if element_offsets else [0] * count
+    valid = (
+        None not in param_types
+        and all(g == p or g == 0 for g, p in zip(grad_types, param_types, strict=True))
+        and list(map(_numel, grads)) == numels
+        and list(map(_numel, buffers)) == numels
+        and [_BUFFER_DTYPES.get(f) for f in formats] == buffer_types
+        and list(map(_numel, absmaxes)) == absmax_blocks
+        and all(a.dtype is torch.float32 for a in absmaxes)
+        and all(map(_is_cpu, params)) and all(map(_is_cpu, grads)) and all(map(_is_cpu, buffers))
+        and all(map(_is_cpu, absmaxes))
+        and all(map(_contiguous, params)) and all(map(_contiguous, grads)) and all(map(_contiguous, buffers))
+        and all(map(_contiguous, absmaxes))
+        and all(type(o) is int and o >= 0 for o in offsets)
+        and not any(o % block_size for o, f in zip(offsets, formats, strict=True) if f == 0)
+    )
+    if not valid:
+        absmax_iterator = iter(absmaxes)
+        for index, (param, grad, buffer, fmt, offset) in enumerate(
+            zip(params, grads, buffers, formats, offsets, strict=True)
+        ):
+            absmax = next(absmax_iterator) if fmt == 0 else None
+            _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size)
+        raise AssertionError("the tensors failed a check that no single tensor fails")
+    absmax_pointers = iter(list(map(_data_ptr, absmaxes)))
+    keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
+    columns = (
+        map(_data_ptr, params),
+        map(_data_ptr, grads),
+        map(_data_ptr, buffers),
+        [next(absmax_pointers) if f == 0 else 0 for f in formats],
+        numels,
+        param_types,
+        grad_types,
+        formats,
+        [_NO_KEY] * count if keys is None else [k[0] for k in keys],
+        [_NO_KEY] * count if keys is None else [k[1] for k in keys],
+        offsets,
+    )
+    rows = array.array("q", itertools.chain.from_iterable(zip(*columns, strict=True)))
+    positions = [index for index, numel in enumerate(numels) if numel]
+    if len(positions) < count:  # zero-size tensors: nothing to do, and their pointers may be 0
+        rows = array.array("q", itertools.chain.from_iterable(rows[i * _FIELDS : (i + 1) * _FIELDS] for i in positions))
+    return rows, positions
+
+
+def _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size):
+    """Raise the ValueError of kernels.check_tensors if this tensor fails the checks."""
+    name = _FORMAT_NAMES.get(fmt, fmt)
+    momentum = {mom.MOMENTUM_CODES: buffer, mom.MOMENTUM_ABSMAX: absmax} if fmt == 0 else {mom.MOMENTUM: buffer}
+    for tensor in (param, grad, buffer, absmax):
+        if tensor is not None and not tensor.is_cpu:
+            raise ValueError(f'backend="cpu" runs on CPU tensors, got a tensor on {tensor.device}')
+    try:
+        check_tensors("cpu", [param], [grad], [momentum], [name], block_size, [offset])
+    except ValueError as error:
+        raise ValueError(str(error).replace("tensor 0", f"tensor {index}")) from None
+
+
+def _address(rows: array.array, kind):
+    return ctypes.cast(rows.buffer_info()[0], kind)
+
+
+# torch.library custom ops, so torch.compile sees the step as one opaque, mutating call (Dynamo
+# cannot trace a ctypes call). Eager calls skip the dispatcher (about 8 us per tensor in a list,
+# measured on 300 tensors: more than the whole step of a small tensor) and run the same
+# functions directly; opcheck (tests/test_cpu_kernel.py) checks the registrations.
+# Arguments: per tensor its momentum buffer (uint8 codes or dense momentum), absmax for the
+# 8-bit ones only (in order), its format code (_FORMATS); step scalars as an fp32 [6] tensor.
+
+
+class _Rows:
+    """Validated descriptor rows of one call's tensors, reused while they stay the same.
+
+    A training loop steps the same params and momentum buffers every step with new grads
+    (zero_grad(set_to_none=True) makes them anew). Checking and describing everything again
+    cost 3.8 of 10.3 us per tensor of 64 elements here; a call with the same param and buffer
+    objects, at the same addresses, with the same dtypes and sizes, only checks and describes
+    its grads (the rest is compared a column at a time).
+    """
+
+    def __init__(self, params, buffers, absmaxes, rows, positions):
+        self.rows, self.positions = rows, positions
+        self.facts = _facts(params, buffers, absmaxes)
+
+    def fits(self, params, buffers, absmaxes) -> bool:
+        return _facts(params, buffers, absmaxes) == self.facts
+
+
+def _facts(params, buffers, absmaxes):
+    # What a kernel relies on and a caller could change behind the same Python objects
+    # (param.data = ..., a view of another dtype at the same address).
+    return (
+        list(map(_data_ptr, params)),
+        list(map(_data_ptr, buffers)),
+        list(map(_data_ptr, absmaxes)),
+        list(map(_dtype, params)),
+        list(map(_dtype, buffers)),
+        list(map(_dtype, absmaxes)),
+        list(map(_numel, params)),
+        list(map(_numel, buffers)),
+        list(map(_numel, absmaxes)),
+        all(map(_contiguous, params)),
+        all(map(_contiguous, buffers)),
+        all(map(_contiguous, absmaxes)),
+    )
+
+
+_ROWS: dict[tuple, _Rows] = {}  # by (block_size, formats, ids of params and buffers); a few groups
+_MAX_CACHED = 64
+
+
+def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, element_offsets, block_size):
+    """:func:`_descriptors`, reusing the rows of the last call with the same params and buffers."""
+    if element_offsets or not params:
+        return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, element_offsets, block_size)
+    key = (block_size, tuple(formats), tuple(map(id, params)), tuple(map(id, buffers)))
+    cached = _ROWS.get(key)
+    if cached is None or not cached.fits(params, buffers, absmaxes):
+        rows, positions = _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
+        if len(_ROWS) >= _MAX_CACHED:
+            _ROWS.clear()
+        _ROWS[key] = _Rows(params, buffers, absmaxes, rows, positions)
+        return rows, positions
+    positions = cached.positions
+    grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
+    numels = cached.facts[6]
+    if not (
+        list(map(_numel, grads)) == numels
+        and all(map(_is_cpu, grads))
+        and all(map(_contiguous, grads))
+        and all(g == p or g == 0 for g, p in zip(grad_types, map(_DTYPES.get, cached.facts[3]), strict=True))
+    ):
+        return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
+    rows = array.array("q", cached.rows)
+    rows[1::_FIELDS] = array.array("q", [grads[i].data_ptr() for i in positions])
+    rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
+    if rounding_keys is not None:
+        keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
+        rows[8::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
+        rows[9::_FIELDS] = array.array("q", [keys[i][1] for i in positions])
+    return rows, positions
+
+
+def _cpu_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    absmaxes: list[torch.Tensor],
+    formats: list[int],
+    step_scalars: torch.Tensor,
+    flags: int,
+    block_size: int,
+    rounding_keys: torch.Tensor | None,
+    element_offsets: list[int],
+    cautious_steps: torch.Tensor | None,
+) -> None:
+    descriptors, positions = _cached_rows(
+        params, grads, buffers, absmaxes, formats, rounding_keys, element_offsets, block_size
+    )
+    if not positions:
+        return
+    steps = None
+    if cautious_steps is not None:
+        steps = cautious_steps[positions].float().contiguous()
+    scalars = step_scalars.float().contiguous()
+    _RUNTIME["library"].lion8bit_cpu_step(
+        _address(descriptors, cpu_build.INT64_P),
+        len(positions),
+        None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
+        _pointer(scalars, cpu_build.FLOAT_P),
+        flags,
+        block_size,
+        _pointer(quant.codebook(), cpu_build.FLOAT_P),
+        _pointer(_RUNTIME["levels"], cpu_build.FLOAT_P),
+        torch.get_num_threads(),
+    )
+
+
+def _cpu_aligned_counts(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    absmaxes: list[torch.Tensor],
+    formats: list[int],
+    step_scalars: torch.Tensor,
+    flags: int,
+    block_size: int,
+) -> torch.Tensor:
+    descriptors, positions = _cached_rows(params, grads, buffers, absmaxes, formats, None, (), block_size)
+    counts = torch.zeros(len(params), dtype=torch.int64)
+    if positions:
+        found = torch.zeros(len(positions), dtype=torch.int64)
+        scalars = step_scalars.float().contiguous()
+        _RUNTIME["library"].lion8bit_cpu_aligned_counts(
+            _address(descriptors, cpu_build.INT64_P),
+            len(positions),
+            _pointer(scalars, cpu_build.FLOAT_P),
+            flags,
+            block_size,
+            _pointer(quant.codebook(), cpu_build.FLOAT_P),
+            _pointer(found, cpu_build.INT64_P),
+            torch.get_num_threads(),
+        )
+        counts[positions] = found
+    return counts
+
+
+cpu_step = torch.library.custom_op(
+    "lion8bit::cpu_step", mutates_args=("params", "buffers", "absmaxes"), device_types="cpu"
+)(_cpu_step)
+cpu_aligned_counts = torch.library.custom_op("lion8bit::cpu_aligned_counts", mutates_args=(), device_types="cpu")(
+    _cpu_aligned_counts
+)
+
+
+@cpu_step.register_fake
+def _(
+    params,
+    grads,
+    buffers,
+    absmaxes,
+    formats,
+    step_scalars,
+    flags,
+    block_size,
+    rounding_keys,
+    element_offsets,
+    cautious_steps,
+) -> None:
+    return None
+
+
+@cpu_aligned_counts.register_fake
+def _(params, grads, buffers, absmaxes, formats, step_scalars, flags, block_size) -> torch.Tensor:
+    return torch.empty(len(params), dtype=torch.int64)
+
+
+def _arguments(momenta, formats, count: int):
+    """The op's arguments from the contract's: (buffers, absmaxes of the 8-bit ones, format codes)."""
+    if not len(momenta) == len(formats) == count:
+        raise ValueError('Invalid call of backend="cpu": lists of different lengths')
+    buffers, absmaxes, codes = [], [], []
+    for index, (momentum, fmt) in enumerate(zip(momenta, formats, strict=True)):
+        code = _FORMATS.get(fmt)
+        if code == 0 and mom.MOMENTUM_CODES in momentum and mom.MOMENTUM_ABSMAX in momentum:
+            buffers.append(momentum[mom.MOMENTUM_CODES])
+            absmaxes.append(momentum[mom.MOMENTUM_ABSMAX])
+        elif code is not None and code != 0 and mom.MOMENTUM in momentum:
+            buffers.append(momentum[mom.MOMENTUM])
         else:
-            state, absmax = momentum[mom.MOMENTUM], 0
-        param_key, momentum_key = (_NO_KEY, _NO_KEY) if rounding_keys is None else rounding_keys[index]
-        rows.append([
-            param.data_ptr(), grad.data_ptr(), state.data_ptr(), absmax, param.numel(),
-            _DTYPES[param.dtype], _DTYPES[grad.dtype], _FORMATS[fmt], param_key, momentum_key,
-            0 if element_offsets is None else element_offsets[index],
-        ])
-        positions.append(index)
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _FIELDS), positions
+            raise ValueError(
+                f'Invalid momentum buffers for backend="cpu", tensor {index}: format {fmt!r} with {sorted(momentum)}'
+            )
+        codes.append(code)
+    return buffers, absmaxes, codes
+
+
+def _host_scalars(scalars) -> torch.Tensor:
+    # Rounded to fp32 once, as torch rounds a Python float operand of an fp32 tensor op.
+    return torch.tensor([getattr(scalars, name) for name in STEP_SCALARS], dtype=torch.float32)
 
 
 class CpuBackend:
     name = "cpu"
-
-    def __init__(self, library: ctypes.CDLL):
-        self._library = library
 
     def device_error(self, device: torch.device, what: str) -> str | None:
         if device.type != "cpu":
             return f'backend="cpu" runs on CPU tensors, got {what} on {device}'
         return None
 
-    def _check(self, params, grads, momenta, formats, block_size, element_offsets=None) -> None:
-        check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
-        for param in params:
-            error = self.device_error(param.device, "a parameter")
-            if error:
-                raise ValueError(error)
-
-    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
-        self._check(params, grads, momenta, formats, block_size)
-        descriptors, positions = _descriptors(params, grads, momenta, formats, None)
-        counts = torch.zeros(len(params), dtype=torch.int64)
-        if positions:
-            found = torch.zeros(len(positions), dtype=torch.int64)
-            step_scalars = _scalars(scalars)  # referenced until the call returns
-            self._library.lion8bit_cpu_aligned_counts(
-                _pointer(descriptors, cpu_build.INT64_P), len(positions),
-                _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, False), block_size,
-                _pointer(quant.codebook(), cpu_build.FLOAT_P), _pointer(found, cpu_build.INT64_P),
-                torch.get_num_threads(),
-            )
-            counts[positions] = found
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size, step_scalars=None):
+        buffers, absmaxes, codes = _arguments(momenta, formats, len(params))
+        step_scalars = _host_scalars(scalars) if step_scalars is None else step_scalars
+        count = cpu_aligned_counts if torch.compiler.is_compiling() else _cpu_aligned_counts
+        counts = count(params, grads, buffers, absmaxes, codes, step_scalars, _flags(scalars, False), block_size)
         return list(counts.unbind())
 
     def lion_step(
-        self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
+        self,
+        params,
+        grads,
+        momenta,
+        formats,
+        *,
+        scalars,
+        block_size,
+        rounding_keys,
+        cautious_steps,
+        skip,
         element_offsets=None,
+        step_scalars=None,
     ):
         if skip is not None:
             raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
-        self._check(params, grads, momenta, formats, block_size, element_offsets)
-        descriptors, positions = _descriptors(params, grads, momenta, formats, rounding_keys, element_offsets)
-        if not positions:
-            return
-        steps = None
-        if cautious_steps is not None:
-            steps = torch.stack([cautious_steps[i] for i in positions]).float().contiguous()
-        step_scalars = _scalars(scalars)  # referenced until the call returns
-        self._library.lion8bit_cpu_step(
-            _pointer(descriptors, cpu_build.INT64_P), len(positions),
-            None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
-            _pointer(step_scalars, cpu_build.FLOAT_P), _flags(scalars, rounding_keys is not None),
-            block_size, _pointer(quant.codebook(), cpu_build.FLOAT_P),
-            _pointer(requantizer_levels(), cpu_build.FLOAT_P), torch.get_num_threads(),
+        buffers, absmaxes, codes = _arguments(momenta, formats, len(params))
+        step = _cpu_step
+        if torch.compiler.is_compiling():
+            step = cpu_step
+            if rounding_keys is not None and not isinstance(rounding_keys, torch.Tensor):
+                rounding_keys = torch.tensor(rounding_keys, dtype=torch.int64).view(-1, 2)  # the op's schema
+        step(
+            params,
+            grads,
+            buffers,
+            absmaxes,
+            codes,
+            _host_scalars(scalars) if step_scalars is None else step_scalars,
+            _flags(scalars, rounding_keys is not None),
+            block_size,
+            rounding_keys,
+            list(element_offsets or []),
+            None if cautious_steps is None else torch.stack(cautious_steps),
         )
 
 
 def load() -> CpuBackend:
     try:
-        return CpuBackend(cpu_build.library())
+        _RUNTIME["library"] = cpu_build.library()
     except cpu_build.BuildError as error:
         raise UnavailableBackend(
             f'backend="cpu" needs its C++ library, which could not be built: {error}. '
             'Install a C++ compiler (or set CXX), or use backend="auto" / "torch"'
         ) from None
+    _RUNTIME["levels"] = requantizer_levels()
+    return CpuBackend()

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from .. import momentum as mom
 from ..reference import reference_aligned_count, reference_step
 from . import STEP_SCALARS, check_tensors
 
@@ -16,6 +17,9 @@ def _with_device_scalars(scalars, step_scalars):
     if step_scalars is None:
         return scalars
     return dataclasses.replace(scalars, **{name: step_scalars[i] for i, name in enumerate(STEP_SCALARS)})
+
+
+_BUFFERS = {"8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX), "bf16": (mom.MOMENTUM,), "fp32": (mom.MOMENTUM,)}
 
 
 def _keys(rounding_keys, index):
@@ -35,7 +39,7 @@ class TorchBackend:
         scalars = _with_device_scalars(scalars, step_scalars)
         return [
             reference_aligned_count(grad, momentum, scalars, fmt=fmt, block_size=block_size)
-            for grad, momentum, fmt in zip(grads, momenta, formats)
+            for grad, momentum, fmt in zip(grads, momenta, formats, strict=True)
         ]
 
     def lion_step(
@@ -46,10 +50,10 @@ class TorchBackend:
         scalars = _with_device_scalars(scalars, step_scalars)
         # With a device flag ``skip``, each tensor is updated and then put back where the flag
         # is set: no host synchronisation, at the cost of a copy per tensor.
-        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
+        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats, strict=True)):
             before = None
             if skip is not None:
-                before = param.clone(), {key: value.clone() for key, value in momentum.items()}
+                before = param.clone(), {key: momentum[key].clone() for key in _BUFFERS[fmt]}
             reference_step(
                 param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
                 rounding_keys=_keys(rounding_keys, index),
