@@ -226,10 +226,12 @@ def test_resume_through_backend_triton_is_bit_exact(state):
 _SYNCHRONISING = ["item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"]
 
 
-def test_step_issues_no_host_synchronisation(monkeypatch):
+@pytest.mark.parametrize("capturable", [False, True], ids=["float-lr", "capturable"])
+def test_step_issues_no_host_synchronisation(monkeypatch, capturable):
     """On CUDA each of these would wait for the device. The interpreter itself must move data to
     numpy (from triton's own files), so a call is refused only when it comes from outside the
-    triton package: the launcher, the optimizer, torch.optim."""
+    triton package: the launcher, the optimizer, torch.optim. capturable=True with a tensor lr:
+    the scalars and keys are made on the device, and the launcher never reads them."""
     import triton
 
     triton_dir = os.path.dirname(triton.__file__)
@@ -245,20 +247,54 @@ def test_step_issues_no_host_synchronisation(monkeypatch):
         return guarded
 
     params = _model_params()
+    options = dict(lr=torch.tensor(1e-3, dtype=torch.float64), capturable=True) if capturable else dict(lr=1e-3)
     optimizer = Lion(
-        params, lr=1e-3, weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True, backend="triton"
+        params, weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True, backend="triton", **options
     )
+    first = 0
+    if capturable:  # creating the state reads a tensor lr once
+        for p, g in zip(params, _grads(params, 0), strict=True):
+            p.grad = g
+        optimizer.step()
+        first = 1
     with monkeypatch.context() as patch:
         for name in _SYNCHRONISING:
             patch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
         patch.setattr(torch.cuda, "synchronize", guard("synchronize", torch.cuda.synchronize))
         torch.ones(1).item()  # the guard sees a call from here
         assert calls and "item" in calls.pop()
-        for step in range(2):  # the first step creates the state
+        for step in range(first, 2):  # the first step creates the state
             for p, g in zip(params, _grads(params, step), strict=True):
                 p.grad = g
             optimizer.step()
     assert calls == []
+
+
+def test_capturable_with_a_scheduled_tensor_lr_gives_the_torch_backends_float_lr_bits():
+    """capturable=True on "triton": the scalars from the device (a float64 tensor lr driven by
+    an LR scheduler) and the keys from the device step counters give what "torch" gives with
+    the float lr."""
+    options = dict(weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True)
+    sides = {}
+    for backend, lr, capturable in (("torch", 1e-3, False), ("triton", torch.tensor(1e-3, dtype=torch.float64), True)):
+        params = _model_params()
+        optimizer = Lion(params, lr=lr, backend=backend, capturable=capturable, **options)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for step in range(3):
+            for p, g in zip(params, _grads(params, step), strict=True):
+                p.grad = g
+            optimizer.step()
+            schedule.step()
+        sides[backend] = params, optimizer
+    (expected, reference), (ours, optimizer) = sides["torch"], sides["triton"]
+    for p, q in zip(expected, ours, strict=True):
+        assert_same_bits(q.detach(), p.detach(), "param")
+        for key, value in reference.state[p].items():
+            other = optimizer.state[q][key]
+            if isinstance(value, torch.Tensor) and value.dtype != torch.int64:
+                assert_same_bits(other, value, key)
+            else:  # the step: a device counter with capturable=True
+                assert int(other) == int(value), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +449,7 @@ except RuntimeError as error:
 """
 
 
+@pytest.mark.slow  # a fresh process
 def test_without_triton_import_works_and_backend_triton_raises():
     result = _fresh_python(_STEP_WITH_TRITON, hide_triton=True)
     assert result.returncode == 0, result.stderr
@@ -420,6 +457,7 @@ def test_without_triton_import_works_and_backend_triton_raises():
     assert 'RuntimeError: backend="triton" needs the triton package' in result.stdout
 
 
+@pytest.mark.slow  # a fresh process
 def test_cpu_tensors_without_the_interpreter_raise_clearly():
     result = _fresh_python(_STEP_WITH_TRITON, hide_triton=False)
     assert result.returncode == 0, result.stderr
@@ -445,6 +483,7 @@ print("state entries:", len(optimizer.state))
 """
 
 
+@pytest.mark.slow  # a fresh process
 def test_interpreter_set_after_the_kernels_were_decorated_is_refused_before_any_change():
     # What the kernels can run on was fixed when @triton.jit ran, so the optimizer's check
     # before the step must ask the kernels, not the variable now.

@@ -351,6 +351,16 @@ def _entry(op, function):
     return op if torch.compiler.is_compiling() else function
 
 
+def _host_scalars(scalars, step_scalars) -> list[float]:
+    """lr, beta1, 1 - beta1, beta2, 1 - beta2, decay as the kernels' float arguments; unread
+    when ``step_scalars`` is given, and then zeros: with a tensor lr, ``scalars.lr`` and
+    ``scalars.decay`` are device tensors that must not be read on the host."""
+    if step_scalars is not None:
+        return [0.0] * 6
+    s = scalars
+    return [s.lr, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay]
+
+
 class TritonBackend:
     name = "triton"
 
@@ -384,9 +394,9 @@ class TritonBackend:
         if not params:
             return []
         buffers, codes = _flat_buffers(momenta, formats)
+        beta1, one_minus_beta1 = _host_scalars(scalars, step_scalars)[1:3]
         counts = _entry(torch.ops.lion8bit.triton_aligned_counts, _aligned_counts)(
-            params, grads, buffers, codes, block_size, scalars.beta1, scalars.one_minus_beta1,
-            scalars.maximize, step_scalars,
+            params, grads, buffers, codes, block_size, beta1, one_minus_beta1, scalars.maximize, step_scalars,
         )
         return list(counts.unbind(0))
 
@@ -400,8 +410,7 @@ class TritonBackend:
         device, count, s = params[0].device, len(params), scalars
         buffers, codes = _flat_buffers(momenta, formats)
         _entry(torch.ops.lion8bit.triton_lion_step, _lion_step)(
-            params, grads, buffers, codes, list(element_offsets or ()), block_size,
-            [s.lr, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay],
+            params, grads, buffers, codes, list(element_offsets or ()), block_size, _host_scalars(s, step_scalars),
             s.maximize, s.cautious, s.cautious_factor == 0.0, s.weight_decay, s.cautious_weight_decay,
             None if rounding_keys is None else _per_slot(
                 rounding_keys, count, torch.int64, device, "rounding keys"
