@@ -49,6 +49,9 @@ from tqdm import tqdm
 from lion8bit import Lion
 from lion8bit.kernels import cpu_build
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_cost  # noqa: E402  (benchmarks/host_cost.py, beside this script)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 0.1
 MIB = 2**20
@@ -153,11 +156,13 @@ HEADLINE = ("lion8bit", "cpu")
 
 def problems(quick: bool) -> list[Problem]:
     found = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         if quick:
-            found.append(Problem("tensor-1M", [(1024, 1024)], dtype, FUSED + REFERENCE + PEERS))
+            if dtype is not torch.float16:
+                found.append(Problem("tensor-1M", [(1024, 1024)], dtype, FUSED + REFERENCE + PEERS))
             continue
-        found.append(Problem("tensor-16.8M", [(4096, 4096)], dtype, FUSED + REFERENCE + PEERS))
+        if dtype is not torch.float16:
+            found.append(Problem("tensor-16.8M", [(4096, 4096)], dtype, FUSED + REFERENCE + PEERS))
         found.append(Problem("tensor-64M", [(8192, 8192)], dtype, FUSED + PEERS))
         found.append(Problem("gpt2-small-124M", gpt2_shapes(), dtype, FUSED + PEERS))
     if not quick:
@@ -493,6 +498,11 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    if not args.quick:  # the host-cost table: us per tensor per step on many tiny tensors
+        host_rows = host_cost.measure()
+        host_out = out.with_name("host_cost.csv")
+        host_cost.write(host_rows, host_out, f"lion8bit {env['lion8bit']}, torch {env['torch']}, {env['cpu']}")
+        print(host_out.with_suffix(".md").read_text())
     return 0
 
 

@@ -17,7 +17,10 @@ from . import quant
 STATE_KINDS = ("8bit", "bf16", "fp32")
 
 # State keys, one per concept, in every state dict this package writes.
-STEP = "step"  # int: completed step() calls that updated this param
+# int (an int64 0-dim tensor with capturable=True): the step() calls that reached this param with
+# a grad, those skipped for non-finite grads included (so no stochastic-rounding key is used
+# twice); not the lr-0 call that only creates the state for torch.distributed.checkpoint.
+STEP = "step"
 MOMENTUM = "momentum"  # dense momentum: fp32 ("fp32", and "8bit" under min_8bit_size) or bf16
 MOMENTUM_CODES = "momentum_codes"  # "8bit": uint8 codes, the param's shape
 MOMENTUM_ABSMAX = "momentum_absmax"  # "8bit": fp32 absmax per block of the flattened param
