@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from lion8bit import momentum as mom
 from lion8bit import kernels, quant
+from lion8bit import momentum as mom
 from lion8bit.reference import lion_scalars, rounding_keys
 
 triton = pytest.importorskip("triton")
@@ -64,13 +64,20 @@ def compiled(module):
     return get
 
 
+# Registers per thread: at 128, blocks of 4 warps keep >= 4 per SM (65536 registers). The
+# capturable variant (scalars loaded into registers instead of read from the constant bank) may
+# take 168 (>= 3 blocks per SM): triton 3.6 compiles some combinations to 138-144 (3.9: <= 106).
+REGISTER_BUDGETS = {False: 128, True: 168}
+
+
 @every_target_and_combination
-def test_no_spills_and_no_local_memory(compiled, capability, combination):
+@pytest.mark.parametrize("device_scalars", [False, True], ids=["scalars", "device-scalars"])
+def test_no_spills_and_no_local_memory(compiled, capability, combination, device_scalars):
     for kind in ("step", "count"):
-        kernel = compiled(kind, report.Variant(*combination), capability)
+        kernel = compiled(kind, report.Variant(*combination, device_scalars=device_scalars), capability)
         usage = kernel.usage()
         assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (kind, usage)
-        assert usage["REG"] <= 128, (kind, usage)  # 4 warps keep >= 4 blocks per SM
+        assert usage["REG"] <= REGISTER_BUDGETS[device_scalars], (kind, usage)
         assert ".local" not in kernel.kernel.asm["ptx"]
 
 
@@ -83,21 +90,44 @@ def _check_elementwise(accesses, name, dtype, per_thread, kinds=("ld", "st")):
         assert sum(a.bytes for a in found) == per_thread * report.BYTES[dtype], (name, kind, found)
 
 
+def _check_table_reads(module, accesses, columns):
+    """Each table column the kernel needs is read once per program (8-byte scalar loads), the
+    first-tile column once per halving of the row search and once for the tile's place."""
+    for name in columns:
+        reads = accesses[name]
+        assert all(a.kind == "ld" and a.bytes == 8 for a in reads), (name, reads)
+        expected = module.fused._SEARCH_STEPS.value + 1 if name == "first_tiles" else 1
+        assert len(reads) == expected, (name, reads)
+
+
+def _rounding_streams(param, fmt) -> int:
+    return (param != "fp32") + (fmt == "bf16")  # bf16 / fp16 params, bf16 momentum
+
+
 @every_target_and_combination
-def test_step_reads_and_writes_each_element_once_in_128_bit_vectors(module, compiled, capability, combination):
+def test_step_reads_and_writes_each_element_once_in_128_bit_vectors(
+    module, compiled, capability, combination
+):
     param, grad, fmt = combination
     accesses = compiled("step", report.Variant(*combination), capability).accesses()
     per_thread = report.elements_per_thread(module)
-    _check_elementwise(accesses, "param_ptr", param, per_thread)
-    _check_elementwise(accesses, "grad_ptr", grad, per_thread, kinds=("ld",))
-    _check_elementwise(accesses, "momentum_ptr", report._MOMENTUM_TYPE[fmt], per_thread)
-    expected = {"param_ptr", "grad_ptr", "momentum_ptr", "cautious_steps_ptr"}
+    _check_elementwise(accesses, "param", param, per_thread)
+    _check_elementwise(accesses, "grad", grad, per_thread, kinds=("ld",))
+    _check_elementwise(accesses, "momentum", report._MOMENTUM_TYPE[fmt], per_thread)
+    columns = {"param_ptrs", "grad_ptrs", "momentum_ptrs", "numels", "first_tiles", "slots"}
     steps = accesses["cautious_steps_ptr"]
     assert [a.kind for a in steps] == ["ld", "ld"]  # the two step sizes, once per thread
+    expected = {"param", "grad", "momentum", "cautious_steps_ptr"}
+    streams = _rounding_streams(param, fmt)
+    if streams:  # each key used, once; the element offset places the bits
+        assert [a.kind for a in accesses["rounding_keys_ptr"]] == ["ld"] * streams
+        expected.add("rounding_keys_ptr")
+        columns.add("element_offsets")
     if fmt == "8bit":
-        expected |= {"absmax_ptr", "code_values_ptr", "requant_table_ptr"}
-        absmax = accesses["absmax_ptr"]
-        rows = module._layout(fmt, 256)[1]
+        expected |= {"absmax", "code_values_ptr", "requant_table_ptr"}
+        columns.add("absmax_ptrs")
+        absmax = accesses["absmax"]
+        rows = module.fused.layout(fmt, 256)[1]
         loads = [a for a in absmax if a.kind == "ld"]
         stores = [a for a in absmax if a.kind == "st"]
         # A thread's elements lie in at most `rows` blocks: one absmax load each; the new absmax
@@ -107,7 +137,8 @@ def test_step_reads_and_writes_each_element_once_in_128_bit_vectors(module, comp
         for table in ("code_values_ptr", "requant_table_ptr"):  # one gather per element
             gathers = accesses[table]
             assert len(gathers) == per_thread and all(a.kind == "ld" and a.bytes == 4 for a in gathers)
-    assert set(accesses) == expected
+    _check_table_reads(module, accesses, columns)
+    assert set(accesses) == expected | columns
 
 
 @every_target_and_combination
@@ -115,31 +146,55 @@ def test_count_pre_pass_reads_only_grad_and_momentum(module, compiled, capabilit
     param, grad, fmt = combination
     accesses = compiled("count", report.Variant(*combination), capability).accesses()
     per_thread = report.elements_per_thread(module)
-    _check_elementwise(accesses, "grad_ptr", grad, per_thread, kinds=("ld",))
-    _check_elementwise(accesses, "momentum_ptr", report._MOMENTUM_TYPE[fmt], per_thread, kinds=("ld",))
-    assert [a.kind for a in accesses["partial_counts_ptr"]] == ["st"]
-    readable = {"grad_ptr", "momentum_ptr", "partial_counts_ptr"}
+    _check_elementwise(accesses, "grad", grad, per_thread, kinds=("ld",))
+    _check_elementwise(accesses, "momentum", report._MOMENTUM_TYPE[fmt], per_thread, kinds=("ld",))
+    # One atomic add of the tile's count per program, by one thread.
+    counts = accesses["counts_ptr"]
+    assert [(a.kind, a.bytes) for a in counts] == [("atomic", 8)] and counts[0].predicated
+    readable = {"grad", "momentum"}
+    columns = {"grad_ptrs", "momentum_ptrs", "numels", "first_tiles", "slots"}
     if fmt == "8bit":
-        readable |= {"absmax_ptr", "code_values_ptr"}
-    assert set(accesses) == readable
-    assert all(a.kind == "ld" for name in readable - {"partial_counts_ptr"} for a in accesses[name])
+        readable |= {"absmax", "code_values_ptr"}
+        columns.add("absmax_ptrs")
+    _check_table_reads(module, accesses, columns)
+    assert set(accesses) == readable | columns | {"counts_ptr"}
+    assert all(a.kind == "ld" for name in readable for a in accesses[name])
 
 
-def test_unaligned_numel_still_compiles_to_exact_accesses(module, compiled):
-    # Without numel % 16 == 0 triton cannot prove a 4-element mask uniform: scalar accesses,
-    # still one per element (the report shows the vector width of both cases).
+def test_unaligned_launch_still_compiles_to_exact_accesses(module, compiled):
+    # The launch of tensors off 16-byte boundaries or with numel % 16 != 0 has no ALIGNED hint:
+    # triton cannot prove a 4-element mask uniform, so scalar accesses, still one per element
+    # (the report shows the vector width of both launches).
     accesses = compiled("step", report.Variant("bf16", "bf16", "8bit", aligned=False), 90).accesses()
     per_thread = report.elements_per_thread(module)
-    params = [a for a in accesses["param_ptr"] if a.kind == "ld"]
+    params = [a for a in accesses["param"] if a.kind == "ld"]
     assert sum(a.bytes for a in params) == per_thread * 2
+    assert max(a.vector * a.bits for a in params) < 128
+
+
+@pytest.mark.parametrize("capability", TARGETS)
+@pytest.mark.parametrize("cautious", [False, True])
+def test_device_scalars_are_six_loads_and_keep_the_vectors(module, capability, cautious):
+    """capturable: the scalars come from a device tensor (6 loads per program, 5 with caution,
+    whose step sizes replace lr; 2 for the pre-pass) instead of launch arguments; the elements'
+    accesses do not change (registers: test_no_spills_and_no_local_memory)."""
+    variant = report.Variant("bf16", "bf16", "8bit", cautious=cautious, device_scalars=True)
+    accesses = report.compile_step(module, variant, capability).accesses()
+    assert [a.kind for a in accesses["step_scalars_ptr"]] == ["ld"] * (6 - cautious)
+    _check_elementwise(accesses, "param", "bf16", report.elements_per_thread(module))
+    count = report.compile_count(module, variant, capability).accesses()
+    assert [a.kind for a in count["step_scalars_ptr"]] == ["ld"] * 2
 
 
 @pytest.mark.parametrize("capability", TARGETS)
 def test_no_fma_contraction_and_a_correctly_rounded_reciprocal(compiled, capability):
-    # The reference rounds each product and sum; enable_fp_fusion=False must keep them apart.
-    ptx = compiled("step", report.Variant("fp32", "fp32", "8bit"), capability).kernel.asm["ptx"]
-    assert not re.search(r"\bfma\.", ptx)
-    assert re.search(r"\bmul\.rn\.f32|\bmul\.f32", ptx) and re.search(r"\b(add|sub)(\.rn)?\.f32", ptx)
+    # The reference rounds each product and sum; enable_fp_fusion=False must keep them apart,
+    # in the pre-pass too (its count is of sign(m*beta1 + g*(1 - beta1))).
+    for kind in ("count", "step"):
+        ptx = compiled(kind, report.Variant("fp32", "fp32", "8bit"), capability).kernel.asm["ptx"]
+        assert not re.search(r"\bfma\.", ptx), kind
+        assert re.search(r"\bmul\.rn\.f32|\bmul\.f32", ptx) and re.search(r"\b(add|sub)(\.rn)?\.f32", ptx)
+    # the step's PTX:
     assert re.search(r"\bdiv\.rn\.f32", ptx)  # 1 / absmax, as torch.reciprocal
     assert not re.search(r"\bdiv\.(full|approx)\.f32", ptx)
 
@@ -147,12 +202,15 @@ def test_no_fma_contraction_and_a_correctly_rounded_reciprocal(compiled, capabil
 @pytest.mark.parametrize("combination", COMBINATIONS, ids=_ids)
 def test_offsets_are_64_bit(compiled, combination):
     # Tensors past 2**31 elements: every offset into a per-element or per-block tensor is i64.
+    # Their pointers come from the table's address columns, so the offsets are grouped there
+    # (with the row offset of the column's own load, i64 too).
     for kind in ("step", "count"):
-        offsets = report.addptr_offset_types(compiled(kind, report.Variant(*combination), 90).kernel.asm["ttir"])
-        for name in ("param_ptr", "grad_ptr", "momentum_ptr", "absmax_ptr"):
+        ttir = compiled(kind, report.Variant(*combination), 90).kernel.asm["ttir"]
+        offsets = report.addptr_offset_types(ttir)
+        for name in ("param_ptrs", "grad_ptrs", "momentum_ptrs", "absmax_ptrs"):
             if name in offsets:
                 assert offsets[name] == {"i64"}, (kind, name, offsets[name])
-        assert "grad_ptr" in offsets and "momentum_ptr" in offsets
+        assert "grad_ptrs" in offsets and "momentum_ptrs" in offsets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,28 +232,31 @@ def _seed_with_key(predicate) -> int:
     return next(s for s in range(10_000) if predicate(quant.rounding_key(s, 1, quant.STREAM_PARAM)))
 
 
-def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
+def test_new_lr_step_seed_or_tensors_reuse_the_compiled_kernel(module, monkeypatch):
     """Triton's cache key (the specialization of every argument) of the launches the launcher
-    makes for a new lr (a numpy float64 too), step and seed is the same: no recompilation.
-    Scalars are fp32 values, the keys int32 bit patterns that are never specialized on."""
+    makes for a new lr (a numpy float64 too), step, seed, element offset, or another number of
+    tensors at other addresses is the same: no recompilation. Scalars are fp32 values; keys,
+    offsets and addresses are in tensors; the row count is never specialized on and the table's
+    columns always start on 16-byte boundaries."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = module._lion_step_kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    kernel = module.fused._lion_step_kernel
+    target = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, target)
     recorder = _Recorder()
-    monkeypatch.setattr(module, "_lion_step_kernel", recorder)
+    monkeypatch.setattr(module.fused, "_lion_step_kernel", recorder)
     monkeypatch.setattr(module, "INTERPRETED", True)  # CPU tensors pass; nothing is launched
 
-    def launch(param_dtype, lr, seed, step):
-        param = torch.zeros(8192, dtype=param_dtype)
-        momentum = mom.new_momentum(param, "8bit", 256)
+    def launch(param_dtype, lr, seed, step, tensors=1, offset=0, step_scalars=None):
+        params = [torch.zeros(4096 + 256 * index, dtype=param_dtype) for index in range(tensors)]
         group = dict(lr=lr, betas=(0.9, 0.99), weight_decay=0.1, cautious_factor=0.5)
         module.load().lion_step(
-            [param], [torch.zeros_like(param)], [momentum], ["8bit"], scalars=lion_scalars(group),
-            block_size=256, rounding_keys=[rounding_keys(seed, step)], cautious_steps=[torch.ones(2)],
-            skip=None,
+            params, [torch.zeros_like(p) for p in params], [mom.new_momentum(p, "8bit", 256) for p in params],
+            ["8bit"] * tensors, scalars=lion_scalars(group), block_size=256,
+            rounding_keys=[rounding_keys(seed, step)] * tensors, cautious_steps=[torch.ones(2)] * tensors,
+            skip=None, element_offsets=[offset] * tensors, step_scalars=step_scalars,
         )
         grid, args, kwargs = recorder.launches[-1]
         return binder(*args, **kwargs)[1]  # the specialization
@@ -203,11 +264,56 @@ def test_new_lr_step_or_seed_reuses_the_compiled_kernel(module, monkeypatch):
     large = _seed_with_key(lambda k: k >= 2**31)
     divisible = _seed_with_key(lambda k: k % 16 == 0)
     first = launch(torch.bfloat16, 1e-3, 0, 1)
-    for lr, seed, step in [(3e-4, 5, 1), (np.float64(0.1), large, 1), (1e-3, divisible, 1), (1e-3, 0, 2**33 + 1)]:
-        assert launch(torch.bfloat16, lr, seed, step) == first, (lr, seed, step)
+    for lr, seed, step, tensors, offset in [
+        (3e-4, 5, 1, 1, 0), (np.float64(0.1), large, 1, 1, 0), (1e-3, divisible, 1, 1, 0),
+        (1e-3, 0, 2**33 + 1, 1, 0),
+        (1e-3, 0, 1, 2, 0), (1e-3, 0, 1, 5, 256), (1e-3, 0, 1, 16, 2**33),
+    ]:
+        case = (lr, seed, step, tensors, offset)
+        assert launch(torch.bfloat16, *case) == first, case
     assert launch(torch.float16, 1e-3, 0, 1) != first  # the key does tell kernels apart
+    assert launch(torch.bfloat16, 1e-3, 0, 1, step_scalars=torch.ones(6)) != first  # capturable: a variant
     _, args, kwargs = recorder.launches[0]
     assert kwargs["enable_fp_fusion"] is False and "num_warps" in kwargs
+
+
+@pytest.mark.parametrize("model, tensors", [("gpt2", 148), ("llama-2-7b", 291)])
+def test_one_launch_per_format_for_a_model_in_one_group(model, tensors):
+    """Counted from the launcher (benchmarks/kernel_report.py runs the functional step on meta
+    tensors with recording stand-ins for the kernels): all of a model's tensors in one group
+    take one launch per momentum format present (8-bit, and fp32 for tensors under
+    min_8bit_size), one more each for the cautious pre-pass; the launch tables are 64 bytes
+    per tensor (+ one row per table)."""
+    plain = report.count_launches(model, "bf16", "bf16", "8bit", cautious=False, stochastic=True)
+    cautious = report.count_launches(model, "bf16", "bf16", "8bit", cautious=True, stochastic=True)
+    formats = {"gpt2": 2, "llama-2-7b": 1}[model]  # GPT-2's 768-element norms and biases are fp32
+    assert plain["tensors"] == tensors
+    assert plain["step launches"] == formats and plain["pre-pass launches"] == 0
+    assert cautious["step launches"] == formats and cautious["pre-pass launches"] == formats
+    assert tensors * 64 < plain["table bytes"] <= (tensors + 2 * formats) * 64
+    assert cautious["table builds, second step"] == 0  # the same tensors: the cached tables
+    assert plain["keys bytes per step"] == tensors * 16
+
+
+def test_every_launch_turns_fma_contraction_off(module, monkeypatch):
+    """The compile checks above compile as the launcher launches: with enable_fp_fusion=False
+    for the step and for the pre-pass (triton 3.9 fuses by default, the interpreter never)."""
+    recorders = {name: _Recorder() for name in ("_lion_step_kernel", "_aligned_count_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(module.fused, name, recorder)
+    monkeypatch.setattr(module, "INTERPRETED", True)  # CPU tensors pass; nothing is launched
+    params = [torch.zeros(4096), torch.zeros(300, dtype=torch.bfloat16)]
+    grads = [torch.zeros_like(p) for p in params]
+    momenta = [mom.new_momentum(params[0], "8bit", 256), mom.new_momentum(params[1], "fp32", 256)]
+    scalars = lion_scalars(dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, cautious_factor=0.5))
+    backend = module.load()
+    counts = backend.aligned_counts(params, grads, momenta, ["8bit", "fp32"], scalars=scalars, block_size=256)
+    backend.lion_step(params, grads, momenta, ["8bit", "fp32"], scalars=scalars, block_size=256,
+                      rounding_keys=None, cautious_steps=[torch.ones(2)] * 2, skip=None)
+    assert len(counts) == 2
+    for recorder in recorders.values():
+        assert len(recorder.launches) == 2  # one per format
+        assert all(kwargs["enable_fp_fusion"] is False for _, _, kwargs in recorder.launches)
 
 
 def test_cpu_tensors_raise_without_the_interpreter(module):

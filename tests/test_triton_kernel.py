@@ -1,8 +1,10 @@
-"""What is particular to the Triton backend (lion8bit/kernels/triton_lion.py), on CPU, in
-Triton's interpreter: its helpers exhaustively (requantizer, random bits, bf16 / fp16 rounding,
-each run alone by tests/triton_probes.py), the public API with backend="triton", no host
-synchronisation, and how it reports what it cannot run on. Its step for every option, dtype,
-format and size is in the conformance suite, tests/test_backends.py.
+"""What is particular to the Triton backend (lion8bit/kernels/triton_lion.py and
+triton_lion_kernels.py), on CPU, in Triton's interpreter: its helpers exhaustively (requantizer,
+random bits, bf16 / fp16 rounding, each run alone by tests/triton_probes.py), the public API with
+backend="triton", no host synchronisation, its torch.library ops (opcheck, torch.compile), the
+launch-table cache, and how it reports what it cannot run on. Its step for every option, dtype,
+format and size, and its launches of many tensors, are in the conformance suite,
+tests/test_backends.py.
 
 tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU, before anything imports triton:
 triton reads it when @triton.jit decorates a kernel (its own tl.max / tl.sum included).
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 from lion8bit import Lion, kernels, quant
+from lion8bit.functional import BUFFER_KEYS
+from lion8bit.reference import lion_scalars
 
-from helpers import assert_same_bits, batch, group_of, step_and_compare
+from helpers import assert_same_bits, assert_same_state, batch, copies, group_of, step_and_compare
 
 pytest.importorskip("triton")
 if not kernels.interpreting():
@@ -114,7 +118,8 @@ def test_rounding_to_bf16_and_fp16_is_quants(stochastic):
 @pytest.mark.slow
 def test_a_million_elements():
     # 1_000_003 = 3906 whole blocks of 256 and a partial one, 489 programs of 2048 elements.
-    tensors = batch([1_000_003], torch.Generator().manual_seed(1), pairings=[(torch.bfloat16, torch.float32)], formats=["8bit"])
+    tensors = batch([1_000_003], torch.Generator().manual_seed(1), pairings=[(torch.bfloat16, torch.float32)],
+                    formats=["8bit"])
     step_and_compare("triton", *tensors, group_of(0.3, 0.0, True, False, False, True))
 
 
@@ -162,13 +167,13 @@ def test_optimizer_backend_triton_is_backend_torch(options):
         params = _model_params()
         optimizer = Lion(params, lr=1e-3, backend=backend, **options)
         for step in range(3):
-            for p, g in zip(params, _grads(params, step)):
+            for p, g in zip(params, _grads(params, step), strict=True):
                 p.grad = g
             optimizer.step()
             optimizer.param_groups[0]["lr"] *= 0.7  # a schedule: a new lr every step
         sides[backend] = (params, optimizer.state_dict())
     (ref_params, ref_state), (out_params, out_state) = sides["torch"], sides["triton"]
-    for ref, out in zip(ref_params, out_params):
+    for ref, out in zip(ref_params, out_params, strict=True):
         assert out.stride() == ref.stride()  # a non-contiguous param stays as it was
         assert_same_bits(out.detach(), ref.detach(), "param")
     for index, ref_entry in ref_state["state"].items():
@@ -188,7 +193,7 @@ def test_resume_through_backend_triton_is_bit_exact(state):
 
     def run(params, optimizer, steps):
         for step in steps:
-            for p, g in zip(params, _grads(params, step)):
+            for p, g in zip(params, _grads(params, step), strict=True):
                 p.grad = g
             optimizer.step()
 
@@ -208,9 +213,9 @@ def test_resume_through_backend_triton_is_bit_exact(state):
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     run(resumed, resumed_opt, range(2, 4))
 
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert_same_bits(b.detach(), a.detach(), "param")
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         for key, value in straight_opt.state[a].items():
             if isinstance(value, torch.Tensor):
                 assert_same_bits(resumed_opt.state[b][key], value, key)
@@ -221,10 +226,12 @@ def test_resume_through_backend_triton_is_bit_exact(state):
 _SYNCHRONISING = ["item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"]
 
 
-def test_step_issues_no_host_synchronisation(monkeypatch):
+@pytest.mark.parametrize("capturable", [False, True], ids=["float-lr", "capturable"])
+def test_step_issues_no_host_synchronisation(monkeypatch, capturable):
     """On CUDA each of these would wait for the device. The interpreter itself must move data to
     numpy (from triton's own files), so a call is refused only when it comes from outside the
-    triton package: the launcher, the optimizer, torch.optim."""
+    triton package: the launcher, the optimizer, torch.optim. capturable=True with a tensor lr:
+    the scalars and keys are made on the device, and the launcher never reads them."""
     import triton
 
     triton_dir = os.path.dirname(triton.__file__)
@@ -240,18 +247,179 @@ def test_step_issues_no_host_synchronisation(monkeypatch):
         return guarded
 
     params = _model_params()
-    optimizer = Lion(params, lr=1e-3, weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True, backend="triton")
+    options = dict(lr=torch.tensor(1e-3, dtype=torch.float64), capturable=True) if capturable else dict(lr=1e-3)
+    optimizer = Lion(
+        params, weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True, backend="triton", **options
+    )
+    first = 0
+    if capturable:  # creating the state reads a tensor lr once
+        for p, g in zip(params, _grads(params, 0), strict=True):
+            p.grad = g
+        optimizer.step()
+        first = 1
     with monkeypatch.context() as patch:
         for name in _SYNCHRONISING:
             patch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
         patch.setattr(torch.cuda, "synchronize", guard("synchronize", torch.cuda.synchronize))
         torch.ones(1).item()  # the guard sees a call from here
         assert calls and "item" in calls.pop()
-        for step in range(2):  # the first step creates the state
-            for p, g in zip(params, _grads(params, step)):
+        for step in range(first, 2):  # the first step creates the state
+            for p, g in zip(params, _grads(params, step), strict=True):
                 p.grad = g
             optimizer.step()
     assert calls == []
+
+
+def test_capturable_with_a_scheduled_tensor_lr_gives_the_torch_backends_float_lr_bits():
+    """capturable=True on "triton": the scalars from the device (a float64 tensor lr driven by
+    an LR scheduler) and the keys from the device step counters give what "torch" gives with
+    the float lr."""
+    options = dict(weight_decay=0.1, cautious_factor=0.5, stochastic_rounding=True)
+    sides = {}
+    for backend, lr, capturable in (("torch", 1e-3, False), ("triton", torch.tensor(1e-3, dtype=torch.float64), True)):
+        params = _model_params()
+        optimizer = Lion(params, lr=lr, backend=backend, capturable=capturable, **options)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for step in range(3):
+            for p, g in zip(params, _grads(params, step), strict=True):
+                p.grad = g
+            optimizer.step()
+            schedule.step()
+        sides[backend] = params, optimizer
+    (expected, reference), (ours, optimizer) = sides["torch"], sides["triton"]
+    for p, q in zip(expected, ours, strict=True):
+        assert_same_bits(q.detach(), p.detach(), "param")
+        for key, value in reference.state[p].items():
+            other = optimizer.state[q][key]
+            if isinstance(value, torch.Tensor) and value.dtype != torch.int64:
+                assert_same_bits(other, value, key)
+            else:  # the step: a device counter with capturable=True
+                assert int(other) == int(value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, torch.compile, the table cache
+
+
+def _op_inputs():
+    """A small call of both ops: an fp32 tensor with fp32 momentum, a bf16 one with 8-bit state."""
+    from lion8bit.kernels import triton_lion
+
+    params, grads, entries, formats = batch([300, 4097], torch.Generator().manual_seed(31),
+                                            pairings=[(torch.float32, torch.float32)], formats=["fp32"])
+    more = batch([4097], torch.Generator().manual_seed(32), pairings=[(torch.bfloat16, torch.bfloat16)],
+                 formats=["8bit"])
+    params, grads, entries, formats = (
+        a + b for a, b in zip((params, grads, entries, formats), more, strict=True)
+    )
+    momenta = [{key: e[key] for key in BUFFER_KEYS[f]} for e, f in zip(entries, formats, strict=True)]
+    buffers, codes = triton_lion._flat_buffers(momenta, formats)
+    return params, grads, buffers, codes, momenta, formats
+
+
+def test_the_ops_pass_opcheck():
+    """torch.library.opcheck's schema (declared mutations), autograd registration, fake
+    implementation and AOT dispatch tests, running the interpreted kernels on CPU tensors."""
+    params, grads, buffers, codes, _, _ = _op_inputs()
+    keys = torch.tensor([[1, 2], [3, 4], [5, 2**32 - 1]], dtype=torch.int64)
+    steps = torch.tensor([[1e-3, 5e-4]] * 3)
+    step = (params, grads, buffers, codes, [], 256, [1e-3, 0.9, 0.1, 0.99, 0.01, 0.9999],
+            False, True, False, True, True, keys, steps, None, None)
+    results = torch.library.opcheck(torch.ops.lion8bit.triton_lion_step.default, step)
+    results |= torch.library.opcheck(
+        torch.ops.lion8bit.triton_aligned_counts.default,
+        (params, grads, buffers, codes, 256, 0.9, 0.1, False, None),
+    )
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_torch_compile_sees_one_graph_and_gives_the_eager_bits():
+    """The backend's two calls of a cautious step traced by Dynamo: one graph, no break (the
+    launcher is inside the ops); compiled (AOT autograd's functionalization of the ops'
+    mutations) it gives the eager step's params and state bit for bit."""
+    backend = kernels.get("triton")
+    params, grads, _, _, momenta, formats = _op_inputs()
+    scalars = lion_scalars(group_of(0.3, 0.5, True, False, False, True))
+
+    def step(params, momenta):
+        counts = backend.aligned_counts(params, grads, momenta, formats, scalars=scalars, block_size=256)
+        steps = [
+            torch.stack([count.float() * 1e-3, count.float() * 1e-4]) / p.numel()
+            for count, p in zip(counts, params, strict=True)
+        ]
+        backend.lion_step(params, grads, momenta, formats, scalars=scalars, block_size=256,
+                          rounding_keys=[(7, 8), (9, 10), (11, 12)], cautious_steps=steps, skip=None)
+
+    explained = torch._dynamo.explain(step)(*copies(params, momenta))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager = copies(params, momenta)
+    step(*eager)
+    torch._dynamo.reset()
+    compiled = copies(params, momenta)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    assert_same_state(*compiled, *eager, formats)
+    assert not torch.equal(eager[0][0], params[0])  # the step did something
+
+
+def test_the_table_cache_keeps_its_capacity_and_hits_on_equal_contents():
+    """Grads at a new address every step (zero_grad(set_to_none=True) with an allocator that
+    moves them) must not grow the cache without bound; equal contents are one table."""
+    from lion8bit.kernels import triton_lion
+
+    cache = triton_lion.TableCache(capacity=3)
+    cpu = torch.device("cpu")
+    first = cache.get(cpu, 2048, (64, 128, 192, 0, 300, 0, 0))
+    assert cache.get(cpu, 2048, (64, 128, 192, 0, 300, 0, 0)) is first and cache.builds == 1
+    for address in range(10):  # a grad moving every step
+        table = cache.get(cpu, 2048, (64, 1024 + 16 * address, 192, 0, 300, 0, 0))
+        assert (table.rows, table.tiles) == (1, 1)
+    assert len(cache) == 3 and cache.builds == 11
+    assert cache.nbytes == 3 * table.nbytes
+    two = cache.get(cpu, 2048, (64, 128, 192, 0, 4097, 0, 0, 256, 320, 384, 0, 1, 5, 3))
+    assert (two.rows, two.tiles) == (2, 4)  # 3 tiles of 4097, 1 of 1
+    first_tiles = two.columns[triton_lion.fused.COLUMNS.index("first_tile")]
+    assert first_tiles[:3].tolist() == [0, 3, 4]
+    assert all(column.data_ptr() % 16 == 0 for column in two.columns)
+
+
+def _count_step_launches(monkeypatch) -> list:
+    from lion8bit.kernels import triton_lion_kernels
+
+    kernel, grids = triton_lion_kernels._lion_step_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_lion_kernels, "_lion_step_kernel", Counting())
+    return grids
+
+
+def test_a_call_past_max_rows_takes_further_launches(monkeypatch):
+    """More tensors of one kind than a table holds: further launches, each its own table."""
+    from lion8bit.kernels import triton_lion
+
+    monkeypatch.setattr(triton_lion, "MAX_ROWS", 2)
+    grids = _count_step_launches(monkeypatch)
+    tensors = batch([1, 300, 17, 4097, 5], torch.Generator().manual_seed(33),
+                    pairings=[(torch.float32, torch.float32)], formats=["fp32"])
+    step_and_compare("triton", *tensors, group_of(0.3, 1.0, False, False, False, False))
+    assert grids == [(2,), (4,), (1,)]  # tiles: 1 + 1, 1 + 3, 1
+
+
+@pytest.mark.slow
+def test_a_full_table_finds_every_row(monkeypatch):
+    """MAX_ROWS tensors in one launch: the row search of every program (12 halvings) lands on
+    its own tensor, the last one included."""
+    from lion8bit.kernels import triton_lion
+
+    grids = _count_step_launches(monkeypatch)
+    rows = triton_lion.MAX_ROWS
+    tensors = batch([1] * (rows - 1) + [300], torch.Generator().manual_seed(34),
+                    pairings=[(torch.float32, torch.float32)], formats=["fp32"])
+    step_and_compare("triton", *tensors, group_of(0.0, 1.0, False, False, False, False))
+    assert grids == [(rows,)]
 
 
 def test_auto_picks_triton_for_cuda_tensors():
@@ -329,10 +497,13 @@ def test_a_triton_older_than_the_tested_range_is_refused_naming_both_versions(mo
     import importlib.metadata
 
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.5.1" if name == "triton" else real(name))
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "3.5.1" if name == "triton" else real(name)
+    )
     kernels.forget()
     try:
-        with pytest.raises(RuntimeError, match=r"needs triton >= 3\.6 \(tested: 3\.6 to 3\.9\), found 3\.5\.1"):
+        expected = r"needs triton >= 3\.6 \(tested: 3\.6 to 3\.9\), found 3\.5\.1"
+        with pytest.raises(RuntimeError, match=expected):
             kernels.resolve("triton", torch.device("cuda", 0))
         assert not kernels.available("triton")
     finally:

@@ -1,6 +1,7 @@
-"""Kernels that run one helper of lion8bit/kernels/triton_lion.py alone, for exhaustive tests.
+"""Kernels that run one helper of lion8bit/kernels/triton_lion_kernels.py alone, for exhaustive
+tests.
 
-Imported by tests/test_triton_kernel.py after it has imported triton_lion under
+Imported by tests/test_triton_kernel.py after it has imported the kernels under
 TRITON_INTERPRET=1 (triton reads the variable in @triton.jit), so these run in the interpreter too.
 """
 
@@ -8,12 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lion8bit.kernels import triton_lion
+from lion8bit.kernels import triton_lion, triton_lion_kernels
 
-_nearest_codes = triton_lion._nearest_codes
-_random_bits = triton_lion._random_bits
-_round_to_bf16 = triton_lion._round_to_bf16
-_round_to_fp16 = triton_lion._round_to_fp16
+_nearest_codes = triton_lion_kernels._nearest_codes
+_random_bits = triton_lion_kernels._random_bits
+_round_to_bf16 = triton_lion_kernels._round_to_bf16
+_round_to_fp16 = triton_lion_kernels._round_to_fp16
 
 BLOCK = 1024
 
@@ -28,8 +29,9 @@ def _nearest_codes_kernel(normalized_ptr, requant_table_ptr, codes_ptr, numel, B
 
 @triton.jit
 def _random_bits_kernel(bits_ptr, key, start, numel, BLOCK: tl.constexpr):
+    # ``key``: the uint32 key as an int32 bit pattern (a launch argument >= 2**31 would be int64).
     offsets = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    bits = _random_bits(key, offsets)
+    bits = _random_bits(key.to(tl.uint32, bitcast=True), offsets)
     tl.store(bits_ptr + offsets - start, bits.to(tl.int64), mask=offsets - start < numel)
 
 
@@ -58,7 +60,7 @@ def random_bits(key: int, numel: int, start: int) -> torch.Tensor:
     """Like quant.random_bits(key, numel, "cpu", start); start must be a multiple of BLOCK."""
     bits = torch.empty(numel, dtype=torch.int64)
     _random_bits_kernel[(triton.cdiv(numel, BLOCK),)](
-        bits, triton_lion._int32_bits(key), start, numel, BLOCK=BLOCK
+        bits, key - ((key >> 31) << 32), start, numel, BLOCK=BLOCK
     )
     return bits
 

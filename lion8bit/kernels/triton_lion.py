@@ -1,330 +1,58 @@
-"""backend="triton": the whole Lion step of one tensor in one fused Triton kernel, and its launcher.
+"""backend="triton": the launcher of the fused kernels (:mod:`.triton_lion_kernels`).
 
-Per element, in fp32 registers and in the exact operation order of ``lion8bit/reference.py``:
-load param, grad and momentum (8-bit code + block absmax, bf16 or fp32), dequantize,
-interpolate, sign, cautious step size, (cautious) weight decay, param update, momentum EMA, new
-block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``) or
-round to bf16, store param and momentum. Each input element is read once and each output element
-written once. With caution on, a count pre-pass (``aligned_counts``) reads only the
-old momentum and the grad.
+One call (one param group's tensors on one device) is one launch per (param dtype, grad dtype,
+state format, alignment) present in it — the ``multi_tensor_apply`` pattern — through a table of
+the tensors' addresses that lives on the device. Alignment: tensors whose param, grad and
+momentum sit on 16-byte boundaries with numel % 16 == 0 share a launch that tells the compiler
+so (128-bit accesses); the rest share one without the hint. A launch holds at most
+``MAX_ROWS`` tensors.
 
-Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1`` when this
-module is imported, which is when the kernels are decorated).
+Tables are cached across steps by their contents (every address, size, element offset and slot),
+so ``param.data`` or ``DTensor.to_local()`` wrappers, fresh at every access, still hit; a storage
+that moved (a re-allocated param, a grad that came back at a new address after
+``zero_grad(set_to_none=True)``) or a tensor that joined or left builds a new table: one small
+host array, one copy to the device (``non_blocking`` from pinned memory on CUDA). Per-step
+values (rounding keys, cautious step sizes) are separate small tensors, never in the table.
+
+The launches are wrapped in ``torch.library`` custom ops (``lion8bit::triton_lion_step``,
+``lion8bit::triton_aligned_counts``), so torch.compile sees one opaque node per call instead of
+tracing into the launcher (Dynamo: one graph, no break; tests/test_triton_kernel.py). Not
+``triton_op`` + ``wrap_triton``: those trace the body with FakeTensors, which have no
+``data_ptr()`` to put in a table, and functionalize a kernel by the tensors passed to it as
+arguments, while this one writes tensors it reaches through addresses. And with interpreted
+kernels (the tests' CPU runs) even a one-tensor ``triton_op`` fails opcheck's fake-tensor test
+and torch.compile: the interpreter's launcher reads its FakeTensor arguments' storage (seen with
+torch 2.13 and triton 3.9).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import triton
 import triton.language as tl
 
 from .. import momentum as mom
 from .. import quant
-from . import check_tensors, interpreting
+from . import STEP_SCALARS, check_tensors
+from . import triton_lion_kernels as fused
 
-# The kernels were decorated for the interpreter iff the variable was set at import (triton reads
-# TRITON_INTERPRET in @triton.jit), so this, not the variable now, says what they can run on.
-INTERPRETED = interpreting()
-
-# Requantization table (see _build_requant_table): the normalized magnitude's fp32 exponent and top
-# 6 mantissa bits pick a bucket; with 6 bits no bucket holds more than one decision threshold
-# of the 256-code map (5 bits would put up to 2 in one), so one gather and one compare are exact.
-_BUCKET_SHIFT = tl.constexpr(17)  # 23 mantissa bits - 6
-_COUNT_SHIFT = tl.constexpr(18)  # entry = thresholds below the bucket << 18 | threshold's low bits
-_LOW_MASK = tl.constexpr((1 << 18) - 1)
-_POSITIVE_THRESHOLDS = tl.constexpr(128)  # midpoints above zero; codes 127 + 0..128
-
-# Elements per program: 2048 = 16 per thread with 4 warps, so a thread's share of a bf16 or fp32
-# tensor and of the uint8 codes is whole 16-byte vectors (tests/test_triton_compile.py checks
-# the vector width, registers and spills for sm_80 and sm_90).
-_TILE = 2048
-_NUM_WARPS = 4
-_DENSE_BLOCK = 256  # row length of the tile when the momentum is not blockwise
-
-
-def _bucket(bits: torch.Tensor) -> torch.Tensor:
-    return bits >> _BUCKET_SHIFT.value
-
-
-def _build_requant_table() -> tuple[torch.Tensor, int]:
-    """(int32 entry per bucket, first bucket): the exact nearest-code search as one gather.
-
-    For a normalized value x and the float64 midpoints t of the codebook, nearest code with
-    ties toward zero is 127 + #{t_i in (0, |x|)} for x > 0 and 127 - #{t_i in (0, |x|)} for
-    x < 0, at least code 0 (the map is symmetric but for its top code 1.0). For fp32 a, t < a iff rounddown_fp32(t) < a, so
-    fp32 thresholds decide exactly, and comparing positive fp32 values is comparing their bits.
-    """
-    thresholds = quant.decision_thresholds()[quant.ZERO_CODE :]
-    nearest = thresholds.float()
-    toward_zero = torch.nextafter(nearest, torch.zeros_like(nearest))
-    down = torch.where(nearest.double() > thresholds, toward_zero, nearest)
-    bits = down.view(torch.int32).long()
-    if len(bits) != _POSITIVE_THRESHOLDS.value or not bool(down[-1] < 1.0):
-        raise RuntimeError("the codebook no longer fits the requantization table's layout")
-    first, end = int(_bucket(bits[0])), int(_bucket(torch.tensor(1.0).view(torch.int32)))
-    lows = torch.arange(first, end, dtype=torch.int64) << _BUCKET_SHIFT.value
-    below = torch.searchsorted(bits, lows)
-    inside = torch.searchsorted(bits, lows + (1 << _BUCKET_SHIFT.value)) - below
-    if int(inside.max()) > 1:
-        raise RuntimeError("a requantization bucket holds more than one threshold")
-    # No threshold in the bucket: a low part of 2**17 puts it at the bucket's top, above any x.
-    low = torch.where(inside == 1, bits[below.clamp(max=len(bits) - 1)] - lows, 1 << 17)
-    return ((below << _COUNT_SHIFT.value) | low).to(torch.int32), first
-
-
-_REQUANT_TABLE, _FIRST = _build_requant_table()
-_SUBNORMAL_ABSMAX = tl.constexpr(quant.SUBNORMAL_ABSMAX)
-_SUBNORMAL_SCALE = tl.constexpr(quant.SUBNORMAL_SCALE)
-_FIRST_BUCKET = tl.constexpr(_FIRST)
-_NUM_BUCKETS = tl.constexpr(len(_REQUANT_TABLE))
-
-
-# ---------------------------------------------------------------------------------------------
-# kernels
-
-
-@triton.jit
-def _max_propagating_nan(a, b):
-    # torch.amax (quant.blockwise_absmax) returns NaN for a block holding a NaN; tl.max's
-    # maximum does not promise either way (PropagateNan.NONE; max.f32 on NVIDIA drops a NaN).
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _mix32(x):
-    # quant.mix32 ("lowbias32") in native uint32 arithmetic.
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _random_bits(key, indices):
-    # quant.random_bits: mix32(low32(i) ^ mix32(key ^ (i >> 32))) for int64 flat indices i of the
-    # whole parameter (a shard starts at its element offset, anywhere, so the element key is
-    # computed per element).
-    element_key = _mix32(key.to(tl.uint32, bitcast=True) ^ (indices >> 32).to(tl.uint32))
-    return _mix32(indices.to(tl.uint32) ^ element_key)
-
-
-@triton.jit
-def _to_fp32(x):
-    # bf16 -> fp32 by its bits (exact, as on the GPU): the interpreter's cast (triton 3.9) turns
-    # bf16 subnormals into wrong values (-1.8367e-40 into -0.0, 1.0102e-39 into 4.4081e-39).
-    if x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _round_to_bf16(x, bits, STOCHASTIC: tl.constexpr):
-    # quant.round_to_bf16 with integer ops: the interpreter's fp32 -> bf16 cast truncates where
-    # the GPU rounds to nearest even (triton 3.9), so both would not agree on .to(tl.bfloat16).
-    pattern = x.to(tl.uint32, bitcast=True)
-    rounded = (pattern + 0x7FFF + ((pattern >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN: c10's canonical quiet NaN
-    if STOCHASTIC:
-        finite = (pattern & 0x7F800000) != 0x7F800000
-        rounded = tl.where(finite, (pattern + (bits >> 16)) >> 16, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _round_to_fp16(x, bits, STOCHASTIC: tl.constexpr):
-    # quant.round_to_fp16. The cast rounds to nearest even on the GPU (cvt.rn) and in the
-    # interpreter (numpy).
-    nearest = x.to(tl.float16)
-    if STOCHASTIC:
-        nearest32 = nearest.to(tl.float32)
-        magnitude = tl.abs(x)
-        away = magnitude > tl.abs(nearest32)
-        pattern = nearest.to(tl.int16, bitcast=True)
-        other = tl.where(away, pattern + 1, pattern - 1).to(tl.int16)
-        other32 = other.to(tl.float16, bitcast=True).to(tl.float32)
-        low = tl.minimum(tl.abs(nearest32), tl.abs(other32))
-        high = tl.maximum(tl.abs(nearest32), tl.abs(other32))
-        uniform = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
-        # u < (|x| - low) / (high - low), without the division: high - low is a power of two and
-        # both sides are exact in fp32 (quant.round_to_fp16), so the comparison is the same.
-        chosen = tl.where(uniform * (high - low) < magnitude - low, high, low)
-        # copysign by the bits: triton 3.6's interpreter negates 0.0 to +0.0 (0 - x), the
-        # reference (and the GPU's neg.f32) to -0.0.
-        sign = x.to(tl.uint32, bitcast=True) & 0x80000000
-        chosen = (chosen.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float16)
-        keep = (nearest32 == x) | ~(tl.abs(nearest32) <= 65504.0)  # exact, infinite or NaN
-        nearest = tl.where(keep, nearest, chosen)
-    return nearest
-
-
-@triton.jit
-def _nearest_codes(normalized, requant_table_ptr):
-    # quant.nearest_codes exactly; see _build_requant_table.
-    bits = normalized.to(tl.int32, bitcast=True)
-    magnitude = bits & 0x7FFFFFFF
-    bucket = (magnitude >> _BUCKET_SHIFT) - _FIRST_BUCKET
-    entry = tl.load(requant_table_ptr + tl.minimum(tl.maximum(bucket, 0), _NUM_BUCKETS - 1))
-    threshold = (magnitude >> _BUCKET_SHIFT << _BUCKET_SHIFT) + (entry & _LOW_MASK)
-    count = (entry >> _COUNT_SHIFT) + (threshold < magnitude).to(tl.int32)
-    count = tl.where(bucket < 0, 0, tl.where(bucket >= _NUM_BUCKETS, _POSITIVE_THRESHOLDS, count))
-    count = tl.where(magnitude != 0, tl.maximum(count, 1), count)  # never store non-zero as 0
-    code = tl.where(bits < 0, 127 - tl.minimum(count, 127), 127 + count)
-    # NaN of either sign sorts above every threshold in quant.nearest_codes: code 255 (a NaN
-    # momentum; x86 makes 0 * inf a negative NaN, NVIDIA a positive one).
-    code = tl.where(magnitude > 0x7F800000, 255, code)
-    return code.to(tl.uint8)
-
-
-@triton.jit
-def _tile(numel, QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    # A program's ROWS x QUANT_BLOCK elements; 64-bit offsets (tensors past 2**31 elements).
-    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offsets = blocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
-    return blocks, offsets, offsets < numel, blocks * QUANT_BLOCK < numel
-
-
-@triton.jit
-def _direction(
-    grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr,
-    offsets, blocks, mask, block_mask,
-    beta1, one_minus_beta1,
-    FORMAT: tl.constexpr, MAXIMIZE: tl.constexpr,
-):
-    # (g, m, u) from the old momentum: reference.update_direction.
-    if FORMAT == "8bit":
-        codes = tl.load(momentum_ptr + offsets, mask=mask, other=127)
-        absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
-        m = tl.load(code_values_ptr + codes.to(tl.int32)) * absmax[:, None]
-    else:
-        m = _to_fp32(tl.load(momentum_ptr + offsets, mask=mask, other=0.0))
-    g = _to_fp32(tl.load(grad_ptr + offsets, mask=mask, other=0.0))
-    if MAXIMIZE:
-        # -g by its sign bit, as torch negates (-0.0 for 0.0; triton 3.6's interpreter gives +0.0).
-        g = (g.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
-    c = m * beta1 + g * one_minus_beta1
-    u = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign, NaN included
-    return g, m, u
-
-
-@triton.jit
-def _aligned_count_kernel(
-    # read
-    grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr,
-    # written: one count per program
-    partial_counts_ptr,
-    numel,
-    beta1, one_minus_beta1,
-    FORMAT: tl.constexpr, MAXIMIZE: tl.constexpr,
-    QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-):
-    blocks, offsets, mask, block_mask = _tile(numel, QUANT_BLOCK, ROWS)
-    g, m, u = _direction(
-        grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
-        beta1, one_minus_beta1, FORMAT, MAXIMIZE,
-    )
-    aligned = (u * g > 0).to(tl.int32)
-    tl.store(partial_counts_ptr + tl.program_id(0), tl.sum(aligned))
-
-
-@triton.jit(do_not_specialize=["param_key", "momentum_key", "element_offset"])
-def _lion_step_kernel(
-    # updated in place
-    param_ptr, momentum_ptr, absmax_ptr,
-    # read: the grad, the codebook, the requantization table, [step where aligned, where not],
-    # the skip_nonfinite flag (uint8: nonzero = store nothing)
-    grad_ptr, code_values_ptr, requant_table_ptr, cautious_steps_ptr, skip_ptr,
-    numel,
-    # fp32 scalars of reference.LionScalars
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-    # stochastic rounding: uint32 keys (quant.rounding_key) as int32 bit patterns, and the flat
-    # index of element 0 in the whole parameter
-    param_key, momentum_key, element_offset,
-    FORMAT: tl.constexpr,  # "8bit" | "bf16" | "fp32"
-    MAXIMIZE: tl.constexpr,
-    CAUTIOUS: tl.constexpr,
-    CAUTIOUS_MASK: tl.constexpr,  # cautious_factor == 0: masked elements do not move
-    WEIGHT_DECAY: tl.constexpr,
-    CAUTIOUS_WEIGHT_DECAY: tl.constexpr,
-    STOCHASTIC_PARAM: tl.constexpr,
-    STOCHASTIC_MOMENTUM: tl.constexpr,
-    SKIP: tl.constexpr,  # skip_ptr given
-    QUANT_BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    blocks, offsets, mask, block_mask = _tile(numel, QUANT_BLOCK, ROWS)
-    if SKIP:
-        # A step skipped for non-finite grads, decided on the device (no host synchronisation):
-        # every load and store of the tile is masked off.
-        keep = tl.load(skip_ptr) == 0
-        # tl.where, not "&": the interpreter (triton 3.9) rejects a tensor & scalar mask.
-        mask = tl.where(keep, mask, False)
-        block_mask = tl.where(keep, block_mask, False)
-    g, m, u = _direction(
-        grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
-        beta1, one_minus_beta1, FORMAT, MAXIMIZE,
-    )
-    p = _to_fp32(tl.load(param_ptr + offsets, mask=mask, other=0.0))
-
-    # reference.lion_update, operation for operation.
-    if CAUTIOUS:
-        aligned = u * g > 0
-        step_aligned = tl.load(cautious_steps_ptr)
-        step_other = tl.load(cautious_steps_ptr + 1)
-        step = tl.where(aligned, step_aligned, step_other)
-    else:
-        step = lr
-    if WEIGHT_DECAY:
-        decayed = p * decay
-        if CAUTIOUS_WEIGHT_DECAY:
-            direction = u
-            if CAUTIOUS_MASK:
-                direction = tl.where(aligned, u, 0.0)
-            decayed = tl.where(direction * p >= 0, decayed, p)
-        p = decayed
-    p = p - u * step
-    m = m * beta2 + g * one_minus_beta2
-
-    indices = offsets + element_offset
-    param_type: tl.constexpr = param_ptr.dtype.element_ty
-    if param_type == tl.bfloat16:
-        bits = _random_bits(param_key, indices) if STOCHASTIC_PARAM else None
-        p = _round_to_bf16(p, bits, STOCHASTIC_PARAM)
-    elif param_type == tl.float16:
-        bits = _random_bits(param_key, indices) if STOCHASTIC_PARAM else None
-        p = _round_to_fp16(p, bits, STOCHASTIC_PARAM)
-    tl.store(param_ptr + offsets, p, mask=mask)
-
-    if FORMAT == "8bit":
-        absmax = tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_propagating_nan)
-        # A correctly rounded reciprocal, as torch.reciprocal: on NVIDIA, "/" on fp32 lowers to
-        # an approximate division (div.full.f32, 2 ulp); div_rn is div.rn.f32.
-        # A subnormal absmax would overflow 1/absmax: scale as quant.quantize_blockwise does.
-        scale = tl.where(absmax < _SUBNORMAL_ABSMAX, _SUBNORMAL_SCALE, 1.0)
-        scaled = tl.where(absmax > 0, absmax * scale, 1.0)
-        inverse = tl.where(absmax > 0, tl.math.div_rn(1.0, scaled), 0.0)
-        codes = _nearest_codes((m * scale[:, None]) * inverse[:, None], requant_table_ptr)
-        tl.store(momentum_ptr + offsets, codes, mask=mask)
-        tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
-    elif FORMAT == "bf16":
-        bits = _random_bits(momentum_key, indices) if STOCHASTIC_MOMENTUM else None
-        tl.store(momentum_ptr + offsets, _round_to_bf16(m, bits, STOCHASTIC_MOMENTUM), mask=mask)
-    else:
-        tl.store(momentum_ptr + offsets, m, mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# launcher
+# What the kernels were decorated for (the interpreter or the GPU compiler).
+INTERPRETED = fused.INTERPRETED
+MAX_ROWS = fused.MAX_ROWS
+FORMATS = ("8bit", "bf16", "fp32")  # the ops' format codes are indices into this
+_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TABLE_CAPACITY = 64  # tables kept: a few per group and alignment, and some for moving grads
 
 
 @functools.cache
 def _tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Copied to a device once (the first step), like quant.codebook.
-    return quant.codebook(device), _REQUANT_TABLE.to(device)
+    return quant.codebook(device), fused._REQUANT_TABLE.to(device)
 
 
 def _fp32(value: float) -> float:
@@ -333,27 +61,304 @@ def _fp32(value: float) -> float:
     return float(np.float32(value))
 
 
-def _int32_bits(key: int) -> int:
-    # A uint32 key as the int32 with the same bits: a key >= 2**31 would otherwise be passed as
-    # int64 and compile a second kernel.
-    return key - ((key >> 31) << 32)
+def _device_of(device: torch.device):
+    # Launch on the tensors' GPU, not the current one.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _layout(fmt: str, block_size: int) -> tuple[int, int]:
-    """(QUANT_BLOCK, ROWS) of a program's tile."""
-    row = block_size if fmt == "8bit" else _DENSE_BLOCK
-    return row, max(1, _TILE // row)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _device_of(tensor: torch.Tensor):
-    # Launch on the tensor's GPU, not the current one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA one ``non_blocking`` copy from pinned memory (the
+    caching host allocator keeps the pinned block until the copy has run), no host wait."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
-def _momentum_buffers(momentum: dict, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if fmt == "8bit":
-        return momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX]
-    return momentum[mom.MOMENTUM], None
+# ---------------------------------------------------------------------------------------------
+# launch tables
+
+
+@dataclass(frozen=True)
+class LaunchKind:
+    """What one launch's tensors share: the kernel's compile-time types and hints."""
+
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    fmt: str
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class LaunchTable:
+    """One launch's table on the device: the int64 columns of ``fused.COLUMNS`` (views of one
+    tensor of ``nbytes``), its row count and its tile count (the launch's programs)."""
+
+    columns: tuple[torch.Tensor, ...]
+    rows: int
+    tiles: int
+    nbytes: int
+
+
+# The fields of a table row the caller gives (COLUMNS less first_tile, which is derived).
+_FIELDS = len(fused.COLUMNS) - 1
+
+
+def build_table(device: torch.device, tile_elements: int, contents: tuple[int, ...]) -> LaunchTable:
+    """The table of ``contents``: per tensor (param, grad, momentum, absmax address, numel,
+    element offset, slot), flat. One host array, one copy to the device."""
+    fields = np.array(contents, dtype=np.int64).reshape(-1, _FIELDS).T
+    rows = fields.shape[1]
+    # One entry past the rows ends the first-tile column; an even height keeps each column's
+    # start on a 16-byte boundary (the kernel's specialization does not change with the count).
+    height = rows + 1 + (rows + 1) % 2
+    host = np.zeros((len(fused.COLUMNS), height), dtype=np.int64)
+    first_tile = fused.COLUMNS.index("first_tile")
+    host[:first_tile, :rows] = fields[:first_tile]
+    host[first_tile + 1 :, :rows] = fields[first_tile:]
+    numels = fields[fused.COLUMNS.index("numel")]
+    host[first_tile, 1 : rows + 1] = np.cumsum(-(-numels // tile_elements))
+    table = _to_device(torch.from_numpy(host), device)
+    return LaunchTable(tuple(table.unbind(0)), rows, int(host[first_tile, rows]), table.nbytes)
+
+
+class TableCache:
+    """Launch tables by device, tile and contents; least recently used first out.
+
+    A table used while a CUDA graph is captured is kept for good: the graph replays its
+    addresses. A table cannot be built during capture (the graph would replay a copy from a
+    host buffer freed after it); warm up, as for any captured step, with one eager step first.
+    """
+
+    def __init__(self, capacity: int = _TABLE_CAPACITY):
+        self.capacity = capacity
+        self.builds = 0  # tables built so far (tests and benchmarks read it)
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._captured: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._tables) + len(self._captured)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the tables held."""
+        return sum(table.nbytes for table in (*self._tables.values(), *self._captured.values()))
+
+    def get(self, device: torch.device, tile_elements: int, contents: tuple[int, ...]) -> LaunchTable:
+        key = (device, tile_elements, contents)
+        table = self._captured.get(key) or self._tables.get(key)
+        capturing = _capturing(device)
+        if table is None:
+            if capturing:
+                raise RuntimeError(
+                    'backend="triton": a launch table is missing while a CUDA graph is captured; run the '
+                    "step once eagerly before capturing (with the same params, grads and state)"
+                )
+            table = build_table(device, tile_elements, contents)
+            self.builds += 1
+        if capturing:
+            self._tables.pop(key, None)
+            self._captured[key] = table
+        elif key not in self._captured:
+            self._tables[key] = table
+            self._tables.move_to_end(key)
+            if len(self._tables) > self.capacity:
+                self._tables.popitem(last=False)
+        return table
+
+
+TABLES = TableCache()
+
+
+def plan_launches(params, grads, buffers, formats, element_offsets, block_size):
+    """[(kind, (quant_block, rows), table)]: the launches of one call, tables from the cache.
+    ``buffers`` and ``formats`` as the ops take them. Per tensor: a few attribute reads, no
+    device work (this runs every step)."""
+    contents: dict[tuple, list[int]] = {}
+    position = 0
+    for slot, param in enumerate(params):
+        fmt = FORMATS[formats[slot]]
+        momentum = buffers[position]
+        absmax = 0
+        if fmt == "8bit":
+            absmax = buffers[position + 1].data_ptr()
+            position += 1
+        position += 1
+        numel = param.numel()
+        if numel == 0:
+            continue
+        grad = grads[slot]
+        addresses = (param.data_ptr(), grad.data_ptr(), momentum.data_ptr())
+        aligned = not (addresses[0] | addresses[1] | addresses[2] | numel) & 15
+        key = (param.dtype, grad.dtype, fmt, aligned)
+        flat = contents.get(key)
+        if flat is None:
+            flat = contents[key] = []
+        flat += (*addresses, absmax, numel, element_offsets[slot] if element_offsets else 0, slot)
+    launches = []
+    for (param_dtype, grad_dtype, fmt, aligned), flat in contents.items():
+        kind = LaunchKind(param_dtype, grad_dtype, fmt, aligned)
+        quant_block, rows = fused.layout(fmt, block_size)
+        per_launch = MAX_ROWS * _FIELDS  # ints of a full table
+        for start in range(0, len(flat), per_launch):
+            table = TABLES.get(params[0].device, quant_block * rows, tuple(flat[start : start + per_launch]))
+            launches.append((kind, (quant_block, rows), table))
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+
+
+def _aligned_counts(
+    params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], formats: list[int],
+    block_size: int, beta1: float, one_minus_beta1: float, maximize: bool, step_scalars: torch.Tensor | None,
+) -> torch.Tensor:
+    """The cautious pre-pass of every tensor: int64 [n], the aligned elements per tensor.
+    ``buffers``: each tensor's momentum buffers in turn (codes and absmax for "8bit");
+    ``formats``: indices into :data:`FORMATS`. ``params`` are not read (they key the tables the
+    step shares)."""
+    device = params[0].device
+    counts = torch.zeros(len(params), dtype=torch.int64, device=device)
+    code_values = _tables_on(device)[0]
+    for kind, (quant_block, rows), table in plan_launches(params, grads, buffers, formats, None, block_size):
+        grad_column, momentum_column, absmax_column, numels, _, first_tiles, slots = table.columns[1:]
+        with _device_of(device):
+            fused._aligned_count_kernel[(table.tiles,)](
+                grad_column, momentum_column, absmax_column, numels, first_tiles, slots, table.rows,
+                code_values if kind.fmt == "8bit" else None, step_scalars, counts,
+                _fp32(beta1), _fp32(one_minus_beta1),
+                GRAD_TYPE=_TYPES[kind.grad_dtype], FORMAT=kind.fmt, MAXIMIZE=maximize,
+                DEVICE_SCALARS=step_scalars is not None, ALIGNED=kind.aligned,
+                QUANT_BLOCK=quant_block, ROWS=rows,
+                num_warps=fused._NUM_WARPS,
+                # As in the step: c = m*beta1 + g*(1 - beta1) fused into one rounding can flip
+                # the sign of a c near 0, and so the count (the interpreter never fuses).
+                enable_fp_fusion=False,
+            )
+    return counts
+
+
+triton_aligned_counts = torch.library.custom_op(
+    "lion8bit::triton_aligned_counts", _aligned_counts, mutates_args=()
+)
+
+
+@triton_aligned_counts.register_fake
+def _(params, grads, buffers, formats, block_size, beta1, one_minus_beta1, maximize, step_scalars):
+    return params[0].new_empty(len(params), dtype=torch.int64)
+
+
+def _lion_step(
+    params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], formats: list[int],
+    element_offsets: list[int], block_size: int, scalars: list[float],
+    maximize: bool, cautious: bool, cautious_mask: bool, weight_decay: bool, cautious_weight_decay: bool,
+    rounding_keys: torch.Tensor | None, cautious_steps: torch.Tensor | None,
+    step_scalars: torch.Tensor | None, skip: torch.Tensor | None,
+) -> None:
+    """The whole step of every tensor, in place. ``scalars``: lr, beta1, 1 - beta1, beta2,
+    1 - beta2, decay (replaced by ``step_scalars`` when given); ``rounding_keys``: int64 [n, 2]
+    uint32 keys; ``cautious_steps``: fp32 [n, 2]; ``skip``: uint8 0-dim, nonzero = change
+    nothing; ``element_offsets``: [] for all 0. Buffers and formats as in triton_aligned_counts."""
+    device = params[0].device
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = (_fp32(value) for value in scalars)
+    for kind, (quant_block, rows), table in plan_launches(
+        params, grads, buffers, formats, element_offsets, block_size
+    ):
+        code_values, requant_table = _tables_on(device) if kind.fmt == "8bit" else (None, None)
+        stochastic = rounding_keys is not None
+        with _device_of(device):
+            fused._lion_step_kernel[(table.tiles,)](
+                *table.columns, table.rows,
+                code_values, requant_table,
+                rounding_keys, cautious_steps, step_scalars, skip,
+                lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
+                PARAM_TYPE=_TYPES[kind.param_dtype],
+                GRAD_TYPE=_TYPES[kind.grad_dtype],
+                FORMAT=kind.fmt,
+                MAXIMIZE=maximize,
+                CAUTIOUS=cautious,
+                CAUTIOUS_MASK=cautious_mask,
+                WEIGHT_DECAY=weight_decay,
+                CAUTIOUS_WEIGHT_DECAY=cautious_weight_decay,
+                STOCHASTIC_PARAM=stochastic and kind.param_dtype != torch.float32,
+                STOCHASTIC_MOMENTUM=stochastic and kind.fmt == "bf16",
+                SKIP=skip is not None,
+                DEVICE_SCALARS=step_scalars is not None,
+                ALIGNED=kind.aligned,
+                QUANT_BLOCK=quant_block,
+                ROWS=rows,
+                num_warps=fused._NUM_WARPS,
+                # No FMA contraction: the reference rounds each product and sum (c, the EMA,
+                # p*decay - u*step); a fused multiply-add rounds once and changes the bits.
+                enable_fp_fusion=False,
+            )
+
+
+triton_lion_step = torch.library.custom_op(
+    "lion8bit::triton_lion_step", _lion_step, mutates_args=("params", "buffers")
+)
+
+
+@triton_lion_step.register_fake
+def _(*args):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+def _flat_buffers(momenta, formats) -> tuple[list[torch.Tensor], list[int]]:
+    buffers = []
+    for momentum, fmt in zip(momenta, formats, strict=True):
+        if fmt == "8bit":
+            buffers += [momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX]]
+        else:
+            buffers.append(momentum[mom.MOMENTUM])
+    return buffers, [FORMATS.index(fmt) for fmt in formats]
+
+
+def _per_slot(value, count: int, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
+    """A [count, 2] tensor of ``dtype`` on ``device`` from per-tensor pairs or such a tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != dtype or value.shape != (count, 2) or value.device != device:
+            raise ValueError(
+                f'Invalid {what} for backend="triton": {value.dtype} {tuple(value.shape)} on {value.device}, '
+                f"expected {dtype} ({count}, 2) on {device}"
+            )
+        return value.contiguous()
+    if dtype == torch.int64:  # host keys
+        if _capturing(device):
+            raise RuntimeError(
+                'backend="triton": host rounding keys would be frozen into a captured CUDA graph; pass them '
+                "as a device tensor (capturable=True)"
+            )
+        return _to_device(torch.tensor(value, dtype=torch.int64).reshape(count, 2), device)
+    return torch.stack(list(value)).to(dtype)  # per-tensor [2] device tensors
+
+
+def _entry(op, function):
+    """The op while torch.compile traces (one node in its graph), the plain function in eager:
+    the op's dispatch bumps the version counter of every mutated tensor and checks aliasing,
+    ~11 us per tensor measured on this 2-core machine against ~4 us for the whole launcher (the
+    functional bumps the params' version counters itself)."""
+    return op if torch.compiler.is_compiling() else function
+
+
+def _host_scalars(scalars, step_scalars) -> list[float]:
+    """lr, beta1, 1 - beta1, beta2, 1 - beta2, decay as the kernels' float arguments; unread
+    when ``step_scalars`` is given, and then zeros: with a tensor lr, ``scalars.lr`` and
+    ``scalars.decay`` are device tensors that must not be read on the host."""
+    if step_scalars is not None:
+        return [0.0] * 6
+    s = scalars
+    return [s.lr, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.decay]
 
 
 class TritonBackend:
@@ -368,81 +373,54 @@ class TritonBackend:
             "run them in Triton's CPU interpreter (slow, for tests)"
         )
 
-    def _check(self, params, grads, momenta, formats, block_size, element_offsets=None) -> None:
+    def _check(self, params, grads, momenta, formats, block_size, element_offsets=None, step_scalars=None):
         check_tensors(self.name, params, grads, momenta, formats, block_size, element_offsets)
-        for param in params:
+        for param in params[:1]:  # check_tensors put every tensor on the first param's device
             error = self.device_error(param.device, "a parameter")
             if error:
                 raise ValueError(error)
+        if step_scalars is not None and (
+            step_scalars.dtype != torch.float32 or step_scalars.shape != (len(STEP_SCALARS),)
+            or (params and step_scalars.device != params[0].device)
+        ):
+            raise ValueError(
+                f'Invalid step_scalars for backend="triton": {step_scalars.dtype} '
+                f"{tuple(step_scalars.shape)} on {step_scalars.device}, expected float32 "
+                f"({len(STEP_SCALARS)},) on the params' device"
+            )
 
-    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size):
-        self._check(params, grads, momenta, formats, block_size)
-        counts = []
-        for param, grad, momentum, fmt in zip(params, grads, momenta, formats):
-            numel = param.numel()
-            quant_block, rows = _layout(fmt, block_size)
-            grid = (triton.cdiv(numel, quant_block * rows),)
-            partial_counts = torch.zeros(grid, dtype=torch.int32, device=param.device)
-            if numel:
-                state, absmax = _momentum_buffers(momentum, fmt)
-                code_values = _tables_on(param.device)[0] if fmt == "8bit" else None
-                with _device_of(param):
-                    _aligned_count_kernel[grid](
-                        grad, state, absmax, code_values,
-                        partial_counts,
-                        numel,
-                        _fp32(scalars.beta1), _fp32(scalars.one_minus_beta1),
-                        FORMAT=fmt, MAXIMIZE=scalars.maximize,
-                        QUANT_BLOCK=quant_block, ROWS=rows,
-                        num_warps=_NUM_WARPS,
-                    )
-            counts.append(partial_counts.sum(dtype=torch.int64))
-        return counts
+    def aligned_counts(self, params, grads, momenta, formats, *, scalars, block_size, step_scalars=None):
+        self._check(params, grads, momenta, formats, block_size, step_scalars=step_scalars)
+        if not params:
+            return []
+        buffers, codes = _flat_buffers(momenta, formats)
+        beta1, one_minus_beta1 = _host_scalars(scalars, step_scalars)[1:3]
+        counts = _entry(torch.ops.lion8bit.triton_aligned_counts, _aligned_counts)(
+            params, grads, buffers, codes, block_size, beta1, one_minus_beta1, scalars.maximize, step_scalars,
+        )
+        return list(counts.unbind(0))
 
     def lion_step(
         self, params, grads, momenta, formats, *, scalars, block_size, rounding_keys, cautious_steps, skip,
-        element_offsets=None,
+        element_offsets=None, step_scalars=None,
     ):
-        self._check(params, grads, momenta, formats, block_size, element_offsets)
-        s = scalars
-        skip_flag = None if skip is None else skip.to(torch.uint8)
-        for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats)):
-            numel = param.numel()
-            if numel == 0:
-                continue
-            state, absmax = _momentum_buffers(momentum, fmt)
-            code_values, requant_table = _tables_on(param.device) if fmt == "8bit" else (None, None)
-            param_key = momentum_key = 0
-            if rounding_keys is not None:
-                param_key, momentum_key = (_int32_bits(key) for key in rounding_keys[index])
-            quant_block, rows = _layout(fmt, block_size)
-            grid = (triton.cdiv(numel, quant_block * rows),)
-            with _device_of(param):
-                _lion_step_kernel[grid](
-                    param, state, absmax,
-                    grad, code_values, requant_table,
-                    None if cautious_steps is None else cautious_steps[index],
-                    skip_flag,
-                    numel,
-                    _fp32(s.lr), _fp32(s.beta1), _fp32(s.one_minus_beta1),
-                    _fp32(s.beta2), _fp32(s.one_minus_beta2), _fp32(s.decay),
-                    param_key, momentum_key, 0 if element_offsets is None else element_offsets[index],
-                    FORMAT=fmt,
-                    MAXIMIZE=s.maximize,
-                    CAUTIOUS=s.cautious,
-                    CAUTIOUS_MASK=s.cautious_factor == 0.0,
-                    WEIGHT_DECAY=s.weight_decay,
-                    CAUTIOUS_WEIGHT_DECAY=s.cautious_weight_decay,
-                    STOCHASTIC_PARAM=rounding_keys is not None and param.dtype != torch.float32,
-                    STOCHASTIC_MOMENTUM=rounding_keys is not None and fmt == "bf16",
-                    SKIP=skip_flag is not None,
-                    QUANT_BLOCK=quant_block,
-                    ROWS=rows,
-                    num_warps=_NUM_WARPS,
-                    # No FMA contraction: the reference rounds each product and sum (c, the EMA,
-                    # p*decay - u*step); a fused multiply-add rounds once and changes the bits.
-                    enable_fp_fusion=False,
-                )
+        self._check(params, grads, momenta, formats, block_size, element_offsets, step_scalars)
+        if not params:
+            return
+        device, count, s = params[0].device, len(params), scalars
+        buffers, codes = _flat_buffers(momenta, formats)
+        _entry(torch.ops.lion8bit.triton_lion_step, _lion_step)(
+            params, grads, buffers, codes, list(element_offsets or ()), block_size, _host_scalars(s, step_scalars),
+            s.maximize, s.cautious, s.cautious_factor == 0.0, s.weight_decay, s.cautious_weight_decay,
+            None if rounding_keys is None else _per_slot(
+                rounding_keys, count, torch.int64, device, "rounding keys"
+            ),
+            None if cautious_steps is None else _per_slot(
+                cautious_steps, count, torch.float32, device, "cautious steps"
+            ),
+            step_scalars,
+            None if skip is None else skip.reshape(()).view(torch.uint8),
+        )
 
 
 def load() -> TritonBackend:
