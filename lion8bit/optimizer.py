@@ -49,15 +49,6 @@ class _Bucket:
         return [_Bucket(*([value] for value in row)) for row in rows]
 
 
-def _holds(entry: dict, fmt: str) -> bool:
-    """Whether a state entry's momentum is stored in ``fmt`` (mom.stored_format, inlined for the
-    step's per-param loop)."""
-    if fmt == "8bit":
-        return mom.MOMENTUM_CODES in entry
-    momentum = entry.get(mom.MOMENTUM)
-    return momentum is not None and (momentum.dtype is torch.bfloat16) == (fmt == "bf16")
-
-
 class Lion(Optimizer):
     r"""Lion (Chen et al. 2023, arXiv 2302.06675) with its momentum stored in 8 bits, bf16 or fp32.
 
@@ -273,11 +264,18 @@ class Lion(Optimizer):
             rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
             sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
-            kind, min_8bit_size, codes = group["state"], group["min_8bit_size"], mom.MOMENTUM_CODES
+            kind, min_8bit_size = group["state"], group["min_8bit_size"]
+            codes, momentum_key = mom.MOMENTUM_CODES, mom.MOMENTUM
             needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
             for index, param, grad, entry, device in params:
                 fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
-                if needs_prepare or not entry or not (codes in entry if fmt == "8bit" else _holds(entry, fmt)):
+                # whether the entry's momentum is stored in fmt (mom.stored_format, inlined)
+                if fmt == "8bit":
+                    held = entry is not None and codes in entry
+                else:
+                    momentum = entry.get(momentum_key) if entry else None
+                    held = momentum is not None and (momentum.dtype is torch.bfloat16) == (fmt == "bf16")
+                if needs_prepare or not entry or not held:
                     fresh = not entry
                     entry = self._prepare(param, group, index, fmt)
                     if not (fresh and _lr_is_zero(group["lr"])):
