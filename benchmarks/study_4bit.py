@@ -439,25 +439,31 @@ def loop_check(task: str, argv: tuple) -> bool:
 # -- choosing the finalists ----------------------------------------------------------------------
 
 
-def choose_finalists(sign: dict[str, dict[str, float]], top: int) -> list[str]:
-    """The DE-128 baseline, then the ``top`` best 4-bit formats by agreement on the char-LM sequence.
+def choose_finalists(sign: dict[str, dict[str, float]], per_rounding: int) -> list[str]:
+    """The formats of the loss runs, chosen from the sign agreement alone (before any loss is seen).
 
-    At most one format per (map, rounding) pair, so that the loss runs test different ideas
-    rather than block-size variants of one (the best block size of each pair is kept).
+    Always the DE-128 baseline and the same with stochastic rounding (does the usual remedy for
+    swamping fix it?); then, for each rounding, the ``per_rounding`` best maps by agreement on the
+    char-LM sequence, each with its best block size and absmax dtype, skipping a map already
+    chosen for that rounding. Per rounding, because per-step agreement need not rank rounding
+    rules the way the loss does (stochastic rounding trades a bias for noise).
     """
+    chosen = [BASELINE, BASELINE.replace("-nearest", "-sr")]
+    families = {(Format.parse(name).map_name, Format.parse(name).rounding) for name in chosen}
     ranked = sorted(
         (name for name in sign if name not in PACKAGE_SHADOWS),
         key=lambda name: (-sign[name]["char-lm"], -sign[name]["mlp"], name),
     )
-    chosen, families = [BASELINE], set()
-    for name in ranked:
-        fmt = Format.parse(name)
-        family = (fmt.map_name, fmt.rounding)
-        if len(chosen) > top or name in chosen or family in families:
-            continue
-        chosen.append(name)
-        families.add(family)
-    return chosen
+    for rounding in ("nearest", "sr"):
+        added = 0
+        for name in ranked:
+            fmt = Format.parse(name)
+            if fmt.rounding != rounding or (fmt.map_name, rounding) in families or added == per_rounding:
+                continue
+            chosen.append(name)
+            families.add((fmt.map_name, rounding))
+            added += 1
+    return [name for name in chosen if name in sign or not sign]
 
 
 # -- the gate ------------------------------------------------------------------------------------
@@ -781,10 +787,11 @@ def parse_args(argv):
         "--seeds", type=common.parse_seeds, default=None, help="training seeds (default: 0,1,2)"
     )
     parser.add_argument(
-        "--top",
+        "--per-rounding",
         type=int,
-        default=6,
-        help="formats chosen by sign agreement for the loss runs, besides the baseline (default: 6)",
+        default=3,
+        help="maps chosen by sign agreement for the loss runs per rounding rule, besides DE-128 with "
+        "either rounding (default: %(default)s)",
     )
     parser.add_argument(
         "--finalists",
@@ -880,7 +887,7 @@ def main(argv=None) -> None:
             SIGN_FIELDS,
         )
 
-    finalists = args.finalists.split(",") if args.finalists else choose_finalists(sign, args.top)
+    finalists = args.finalists.split(",") if args.finalists else choose_finalists(sign, args.per_rounding)
     runs, curves = [], []
     if "loss" in args.parts:
         if args.resume:
