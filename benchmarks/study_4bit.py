@@ -821,6 +821,10 @@ def parse_args(argv):
     return args
 
 
+def sign_steps(quick: bool) -> dict[str, int]:
+    return {"mlp": 20 if quick else 200, "char-lm": train_char_lm.parse_args(list(example_argv(quick))).steps}
+
+
 def _pool(jobs: int):
     # spawn: the workers start clean (no forked torch thread pools).
     return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -856,10 +860,7 @@ def main(argv=None) -> None:
             for i in range(args.jobs)
         ]
         chunks = [(seq, names) for seq, names in chunks if names]
-        steps = {
-            "mlp": 20 if args.quick else 200,
-            "char-lm": _char_lm_setup(example_argv(args.quick))[0].steps,
-        }
+        steps = sign_steps(args.quick)
         total = sum(steps[seq] for seq, _ in todo)
         manager = multiprocessing.get_context("spawn").Manager()
         progress = manager.Queue()
@@ -877,16 +878,15 @@ def main(argv=None) -> None:
                     for name, value in future.result().items():
                         sign.setdefault(name, {})[futures[future]] = value
         manager.shutdown()
-        write_csv(
-            paths["sign"],
-            [
-                dict(format=n, **_fmt_row(n), sequence=seq, steps=steps[seq], agreement=v)
-                for n in sign
-                for seq, v in sign[n].items()
-            ],
-            SIGN_FIELDS,
-        )
 
+    if sign:
+        steps = sign_steps(args.quick)
+        rows = [
+            dict(format=n, **_fmt_row(n), sequence=seq, steps=steps[seq], agreement=v)
+            for n in sign
+            for seq, v in sign[n].items()
+        ]
+        write_csv(paths["sign"], rows, SIGN_FIELDS)
     finalists = args.finalists.split(",") if args.finalists else choose_finalists(sign, args.per_rounding)
     runs, curves = [], []
     if "loss" in args.parts:
@@ -894,7 +894,8 @@ def main(argv=None) -> None:
             runs, curves = read_csv(paths["runs"]), read_csv(paths["curves"])
         done = {(r["task"], r["format"], int(r["seed"])) for r in runs}
         names = [FP32, EIGHT_BIT, *finalists]
-        todo = [(t, n, s) for t in TASKS for s in args.seeds for n in names if (t, n, s) not in done]
+        # Seed by seed, so that a partial study holds whole seeds.
+        todo = [(t, n, s) for s in args.seeds for t in TASKS for n in names if (t, n, s) not in done]
         with _pool(args.jobs) as pool, tqdm(total=len(todo), unit="run", desc="training runs") as bar:
             futures = [pool.submit(training_job, t, n, s, example_argv(args.quick)) for t, n, s in todo]
             for future in concurrent.futures.as_completed(futures):

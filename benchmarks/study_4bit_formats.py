@@ -215,7 +215,7 @@ class Format:
 
     @property
     def bits(self) -> int:
-        return int(math.log2(len(self.levels)))
+        return math.ceil(math.log2(len(self.levels)))  # 15-level maps take 4 bits too
 
     @property
     def bytes_per_param(self) -> float:
