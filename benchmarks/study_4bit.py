@@ -710,7 +710,8 @@ def write_report(
         "Written by `benchmarks/study_4bit.py`; the discussion and the verdict's reasoning are in "
         "[docs/4bit-study.md](../../docs/4bit-study.md).",
         "",
-        f"Command: `{command}` (started {started}, {seconds / 60:.0f} min)  ",
+        f"Command: `{command}` (started {started}, {seconds / 60:.0f} min; results kept from earlier "
+        "runs with `--resume` or `--parts` are in the CSVs)  ",
         f"Machine: {environment()}  ",
         f"Data: {'; '.join(data) or '–'}",
         "",
