@@ -192,6 +192,9 @@ def run_checks(quick: bool) -> list[tuple[str, bool]]:
 
 # Shadows from the lion8bit package itself, for scale: what tests/test_sign_agreement.py measures.
 PACKAGE_SHADOWS = {"lion8bit 8bit": "8bit", "lion8bit bf16": "bf16"}
+# The gradient sequences: the char-LM example's, the test's small MLP, and the same MLP sequence
+# with each format's momentum re-synced to fp32 Lion's before every step (a diagnostic).
+SEQUENCES = ("char-lm", "mlp", "mlp-resync")
 
 
 class SignAgreement:
@@ -200,10 +203,16 @@ class SignAgreement:
     As tests/test_sign_agreement.py: before each step every shadow's params are set to zero and
     given the step's gradients; with lr 1 and no weight decay the param is then -sign(c). Every
     tensor is stored in the format (min_size 0) and each shadow keeps its own momentum.
+
+    With ``resync`` (a diagnostic, not the measure), each format's momentum is instead replaced
+    before every step by fp32 Lion's momentum encoded in the format: what one rounding costs,
+    without the error that the format's own trajectory accumulates.
     """
 
-    def __init__(self, shapes, names: list[str]):
+    def __init__(self, shapes, names: list[str], resync: bool = False):
         self.names = names
+        self.resync = resync
+        self.steps = 0
         self.shadows, self.optimizers = {}, {}
         for name in [FP32, *names]:
             params = [torch.zeros(shape, requires_grad=True) for shape in shapes]
@@ -219,6 +228,9 @@ class SignAgreement:
 
     @torch.no_grad()
     def feed(self, grads: list[torch.Tensor]) -> None:
+        self.steps += 1
+        if self.resync and self.steps > 1:
+            self._resync()
         updates = {}
         for name, params in self.shadows.items():
             for shadow, grad in zip(params, grads, strict=True):
@@ -229,6 +241,17 @@ class SignAgreement:
         for name in self.names:
             self.agree[name] += (updates[name] == updates[FP32]).sum().item()
         self.total += updates[FP32].numel()
+
+    def _resync(self) -> None:
+        reference = self.optimizers[FP32]
+        for name in self.names:
+            optimizer = self.optimizers[name]
+            for index, (shadow, twin) in enumerate(zip(self.shadows[name], self.shadows[FP32], strict=True)):
+                entry, momentum = optimizer.state[shadow], reference.state[twin]["momentum"]
+                bits = random_bits(
+                    quant.rounding_key(index, self.steps, quant.STREAM_MOMENTUM), momentum.numel()
+                )
+                entry["codes"], entry["absmax"] = optimizer.fmt.encode(momentum, bits)
 
     def result(self) -> dict[str, float]:
         return {name: count / self.total for name, count in self.agree.items()}
@@ -259,9 +282,9 @@ def sign_agreement_job(sequence: str, names: list[str], quick: bool, progress=No
         if progress is not None:
             progress.put(len(names))
 
-    if sequence == "mlp":
+    if sequence in ("mlp", "mlp-resync"):
         model, x, y, generator = _mlp_problem()
-        counter = SignAgreement([p.shape for p in model.parameters()], names)
+        counter = SignAgreement([p.shape for p in model.parameters()], names, resync=sequence == "mlp-resync")
         driver = _Recording(model.parameters(), feed, lr=3e-4, betas=BETAS, weight_decay=0.1)
         for _ in range(20 if quick else 200):  # the test's 200 steps
             batch = torch.randint(len(x), (128,), generator=generator)
@@ -569,15 +592,16 @@ def _fmt_row(name: str) -> dict:
 def sign_table(sign: dict[str, dict[str, float]], finalists: list[str]) -> str:
     lines = [
         "| format | map | block | absmax | rounding | bytes/param | agreement, char-LM sequence "
-        "| agreement, MLP sequence | loss runs |",
-        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
+        "| agreement, MLP sequence | MLP, momentum re-synced each step (diagnostic) | loss runs |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name in sorted(sign, key=lambda n: (-sign[n]["char-lm"], n)):
         row = _fmt_row(name)
+        resync = f"{sign[name]['mlp-resync']:.4f}" if "mlp-resync" in sign[name] else ""
         lines.append(
             f"| `{name}` | {row['map']} | {row['block_size']} | {row['absmax']} | {row['rounding']} "
             f"| {row['bytes_per_param']} | {sign[name]['char-lm']:.4f} | {sign[name]['mlp']:.4f} "
-            f"| {'yes' if name in finalists else ''} |"
+            f"| {resync} | {'yes' if name in finalists else ''} |"
         )
     return "\n".join(lines)
 
@@ -728,7 +752,10 @@ def write_report(
         "Share of (step, element) pairs whose update sign equals fp32 Lion's, every tensor stored in the "
         "format, each shadow keeping its own momentum (tests/test_sign_agreement.py's method). Sequences: "
         "the char-LM example's fp32-Lion run (seed 0, its hyper-parameters, clipped gradients) and the "
-        "test's small MLP. `lion8bit 8bit` / `bf16` are the package's formats, for scale.",
+        "test's small MLP. `lion8bit 8bit` / `bf16` are the package's formats, for scale. The re-synced "
+        "column is a diagnostic: each format's momentum replaced before every step by fp32 Lion's, encoded "
+        "in the format, so that it counts one rounding only and none of the error the format's own "
+        "trajectory accumulates.",
         "",
         sign_table(sign, finalists),
         "",
@@ -823,7 +850,12 @@ def parse_args(argv):
 
 
 def sign_steps(quick: bool) -> dict[str, int]:
-    return {"mlp": 20 if quick else 200, "char-lm": train_char_lm.parse_args(list(example_argv(quick))).steps}
+    mlp = 20 if quick else 200
+    return {
+        "char-lm": train_char_lm.parse_args(list(example_argv(quick))).steps,
+        "mlp": mlp,
+        "mlp-resync": mlp,
+    }
 
 
 def _pool(jobs: int):
@@ -854,10 +886,15 @@ def main(argv=None) -> None:
         for row in read_csv(paths["sign"]):
             sign.setdefault(row["format"], {})[row["sequence"]] = float(row["agreement"])
     if "sign" in args.parts:
-        todo = [(seq, n) for seq in ("char-lm", "mlp") for n in shadows if seq not in sign.get(n, {})]
+        todo = [
+            (seq, n)
+            for seq in SEQUENCES
+            for n in (all_formats if seq == "mlp-resync" else shadows)
+            if seq not in sign.get(n, {})
+        ]
         chunks = [
             (seq, [n for s, n in todo if s == seq][i :: args.jobs])
-            for seq in ("char-lm", "mlp")
+            for seq in SEQUENCES
             for i in range(args.jobs)
         ]
         chunks = [(seq, names) for seq, names in chunks if names]
