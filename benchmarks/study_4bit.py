@@ -641,7 +641,15 @@ def plot(path: Path, sign: dict, result: dict, curves: list[dict]) -> None:
     for name, values in sign.items():
         if name in PACKAGE_SHADOWS:
             ax.axhline(values["char-lm"], color="grey", lw=0.8, ls=":")
-            ax.text(0.505, values["char-lm"], name, fontsize=7, va="bottom", color="grey")
+            ax.text(
+                0.01,
+                values["char-lm"],
+                name,
+                fontsize=7,
+                va="bottom",
+                color="grey",
+                transform=ax.get_yaxis_transform(),
+            )
             continue
         fmt = Format.parse(name)
         ax.scatter(
