@@ -107,7 +107,7 @@ def test_non_contiguous_params_grads_and_state(backend, fmt):
     (row-major), as the spec's blocks are; the functional stages and copies back."""
     generator = torch.Generator().manual_seed(7)
     params, grads, entries, formats = batch([40 * 130], generator, formats=[fmt])
-    for index, (param, grad, entry) in enumerate(zip(params, grads, entries)):
+    for index, (param, grad, entry) in enumerate(zip(params, grads, entries, strict=True)):
         params[index] = param.view(40, 130).t()
         grads[index] = torch.cat([grad.view(40, 130), grad.view(40, 130)], dim=1)[:, ::2].t()
         for key in (mom.MOMENTUM, mom.MOMENTUM_CODES):
@@ -115,7 +115,7 @@ def test_non_contiguous_params_grads_and_state(backend, fmt):
                 entry[key] = entry[key].view(130, 40).t().contiguous().t()
     assert not params[0].is_contiguous() and not grads[0].is_contiguous()
     ours = step_and_compare(backend, params, grads, entries, formats, group_of(0.3, 0.5, True, False, True, True))
-    for param, entry in zip(*ours):
+    for param, entry in zip(*ours, strict=True):
         assert not param.is_contiguous(), "written back into the caller's tensor, not replaced"
         assert all(not entry[key].is_contiguous() for key in (mom.MOMENTUM, mom.MOMENTUM_CODES) if key in entry)
 
@@ -141,7 +141,8 @@ def test_non_finite_values_as_in_the_reference(backend, sr):
          stochastic_rounding=sr, backend=backend)
     reference_steps(params, grads, entries, formats, group)
     if backend == "triton":
-        for tensors in (ours[0], params, [e.get(mom.MOMENTUM) for e in ours[1]], [e.get(mom.MOMENTUM) for e in entries]):
+        momenta = ([e.get(mom.MOMENTUM) for e in ours[1]], [e.get(mom.MOMENTUM) for e in entries])
+        for tensors in (ours[0], params, *momenta):
             for tensor in tensors:
                 if tensor is not None and tensor.dtype == torch.bfloat16:
                     tensor[tensor.isnan()] = float("nan")  # one canonical payload
@@ -154,7 +155,7 @@ def test_blocks_with_a_subnormal_absmax_as_in_the_reference(backend):
     quant.quantize_blockwise scales such a block by 2**24 first; zeros must stay zeros."""
     generator = torch.Generator().manual_seed(6)
     params, grads, entries, formats = batch([5000], generator, pairings=PAIRINGS[:2], formats=["8bit"])
-    for grad, entry in zip(grads, entries):
+    for grad, entry in zip(grads, entries, strict=True):
         grad[256:768] = 0.0
         entry[mom.MOMENTUM_ABSMAX][1:3] = torch.tensor([3e-39, 1e-45])
         entry[mom.MOMENTUM_CODES][256:768:3] = quant.ZERO_CODE
@@ -185,7 +186,7 @@ def test_zero_size_tensors_and_an_empty_group(backend):
     params, grads, entries, formats = batch([0, 300, 0], generator, pairings=PAIRINGS[:1], formats=["8bit"])
     step_and_compare(backend, params, grads, entries, formats, group_of(0.3, 0.5, True, False, False, False))
     implementation = kernels.get(backend)
-    momenta = [{key: e[key] for key in BUFFER_KEYS[f]} for e, f in zip(entries, formats)]
+    momenta = [{key: e[key] for key in BUFFER_KEYS[f]} for e, f in zip(entries, formats, strict=True)]
     scalars = lion_scalars(group_of(0, 0.5, 0, 0, 0, 0))
     counts = implementation.aligned_counts(params, grads, momenta, formats, scalars=scalars, block_size=256)
     assert [c.dtype for c in counts] == [torch.int64] * 3 and int(counts[0]) == int(counts[2]) == 0
@@ -201,7 +202,7 @@ def test_a_device_skip_flag_stores_nothing_and_a_clear_one_is_the_reference(back
     params, grads, entries, formats = batch([4097], generator, pairings=PAIRINGS[2:3], formats=[fmt])
     group = group_of(0.3, 1.0, False, False, False, True)
     implementation = kernels.get(backend)
-    momenta = [{key: e[key] for key in BUFFER_KEYS[f]} for e, f in zip(entries, formats)]
+    momenta = [{key: e[key] for key in BUFFER_KEYS[f]} for e, f in zip(entries, formats, strict=True)]
     keys = [(e[mom.SR_SEED] & 0xFFFF, e[mom.STEP]) for e in entries]  # any keys: both sides use them
     common = dict(scalars=lion_scalars(group), block_size=quant.BLOCK_SIZE, rounding_keys=keys, cautious_steps=None)
     if backend == "cpu":
