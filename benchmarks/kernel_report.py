@@ -51,7 +51,7 @@ ELEMENT_ARGS = ("param", "grad", "momentum")
 
 
 def load_gpu_module():
-    """lion8bit/kernels/triton_lion.py, decorated for the GPU compiler.
+    """lion8bit/kernels/triton_lion.py (its kernels in triton_lion_kernels.py), decorated for the GPU compiler.
 
     triton reads TRITON_INTERPRET when @triton.jit runs (its own tl.max / tl.sum when
     triton.language is imported), so kernels decorated for the interpreter cannot be compiled:
@@ -374,7 +374,7 @@ def report_rows(module) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # launches per step, counted from the launcher
 
-MODELS = ("gpt2", "llama-2-7b")  # lion8bit/budget.py's catalog: 148 and 291 tensors
+MODELS = ("gpt2", "llama-2-7b")  # lion8bit/budget/shapes.py's catalog: 148 and 291 tensors
 # (param, grad, state, cautious): the default (bf16 mixed precision, 8-bit state), with caution,
 # fp32 params, bf16 state.
 LAUNCH_CONFIGS = [
