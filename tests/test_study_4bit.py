@@ -119,7 +119,7 @@ def test_quick_study_runs_end_to_end(tmp_path):
     assert prefix.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     with open(tmp_path / "study_sign.csv", newline="") as f:
         sign = list(csv.DictReader(f))
-    assert {row["sequence"] for row in sign} == {"mlp", "char-lm"}
+    assert {row["sequence"] for row in sign} == {"mlp", "char-lm", "mlp-resync"}  # resync: the diagnostic
     assert all(0.0 <= float(row["agreement"]) <= 1.0 for row in sign)
     with open(tmp_path / "study_runs.csv", newline="") as f:
         runs = list(csv.DictReader(f))
