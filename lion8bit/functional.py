@@ -37,6 +37,7 @@ from .reference import (
 # The momentum buffers of each format, as backends receive them.
 BUFFER_KEYS = {
     "8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
+    "4bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
     "bf16": (mom.MOMENTUM,),
     "fp32": (mom.MOMENTUM,),
 }
@@ -158,6 +159,9 @@ def lion(
             for count, size in zip(counts, sizes, strict=True)
         ]
     keys = None
+    # "4bit" momentum always rounds stochastically (scalars.stochastic_rounding says whether the
+    # params do too), so its tensors need keys whatever the option says.
+    stochastic_rounding = stochastic_rounding or "4bit" in formats
     if stochastic_rounding and capturable:
         steps = torch.stack([entry[mom.STEP] for entry in entries])
         keys = rounding_keys_on_device(_key_bases([entry[mom.SR_SEED] for entry in entries], device), steps)

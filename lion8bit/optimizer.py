@@ -223,7 +223,8 @@ class Lion(Optimizer):
                 entry.pop(key, None)
             entry.update(self._new_momentum(param, group, fmt))
             shard_blocks.encode(param, entry, values, fmt, block_size)
-        if group["stochastic_rounding"] and mom.SR_SEED not in entry:
+        # "4bit" momentum always rounds stochastically: every entry of its group gets a seed
+        if (group["stochastic_rounding"] or group["state"] == "4bit") and mom.SR_SEED not in entry:
             entry[mom.SR_SEED] = quant.mix32(index)
         if group["skip_nonfinite"] and mom.NONFINITE_SKIPS not in entry:
             entry[mom.NONFINITE_SKIPS] = torch.zeros((), dtype=torch.int64, device=sharded.local(param).device)
@@ -265,13 +266,18 @@ class Lion(Optimizer):
             sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
             skip_counters = []
             kind, min_8bit_size = group["state"], group["min_8bit_size"]
-            codes, momentum_key = mom.MOMENTUM_CODES, mom.MOMENTUM
-            needs_prepare = group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
+            codes, momentum_key, absmax_key = mom.MOMENTUM_CODES, mom.MOMENTUM, mom.MOMENTUM_ABSMAX
+            quantized = kind in mom.QUANTIZED
+            needs_prepare = (
+                group["stochastic_rounding"] or kind == "4bit" or group["skip_nonfinite"] or group["capturable"]
+            )
             for index, param, grad, entry, device in params:
-                fmt = "fp32" if kind == "8bit" and param.numel() < min_8bit_size else kind  # mom.momentum_format
+                fmt = "fp32" if quantized and param.numel() < min_8bit_size else kind  # mom.momentum_format
                 # whether the entry's momentum is stored in fmt (mom.stored_format, inlined)
                 if fmt == "8bit":
-                    held = entry is not None and codes in entry
+                    held = entry is not None and codes in entry and entry[absmax_key].dtype is torch.float32
+                elif fmt == "4bit":
+                    held = entry is not None and codes in entry and entry[absmax_key].dtype is torch.bfloat16
                 else:
                     momentum = entry.get(momentum_key) if entry else None
                     held = momentum is not None and (momentum.dtype is torch.bfloat16) == (fmt == "bf16")

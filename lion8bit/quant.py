@@ -3,6 +3,8 @@
 - The 8-bit blockwise format of bitsandbytes >= 0.44: bitsandbytes' signed "dynamic" codebook of
   256 fp32 values, blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32
   absmax per block, nearest rounding (ties toward zero), and no non-zero value stored as zero.
+- The 4-bit blockwise format: 16 square-root-companded levels, two codes per byte, blocks of 32
+  with a bf16 absmax rounded up, stochastic rounding (docs/4bit-study.md chose it).
 - Round-to-nearest-even and stochastic rounding to bf16 / fp16, with a counter-based RNG keyed on
   (seed, step, stream, element index) so every backend draws the same bits.
 
@@ -161,6 +163,115 @@ def dequantize_blockwise(
     flat = code_values[codes.reshape(-1).long()]
     scaled = _as_blocks(flat, block_size) * absmax.float()[:, None]
     return scaled.reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit blockwise format (state="4bit"; docs/4bit-study.md: "sqrt-32-bf16-sr", the format that
+# met the 8-bit evidence bounds on both examples)
+
+BLOCK_SIZE_4BIT = 32  # elements per absmax block of "4bit": fixed, the format the gate passed
+
+
+def _build_levels_4bit() -> torch.Tensor:
+    # Square-root companding: uniform in sqrt|x|, +-((2k-1)/15)**2 for k = 1..8, computed in
+    # float64 and rounded once to fp32. No zero level: every code carries a sign, so a stored
+    # momentum never loses its sign (the 8-bit format needs a rule for that; this one cannot).
+    magnitudes = torch.tensor([((2 * k - 1) / 15) ** 2 for k in range(1, 9)], dtype=torch.float64)
+    return torch.cat([-magnitudes.flip(0), magnitudes]).to(torch.float32)
+
+
+_LEVELS_4BIT = _build_levels_4bit()  # 16 sorted fp32 values: codes 0..7 negative, 8..15 positive
+
+
+def levels_4bit(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 sorted fp32 level values of the 4-bit codes (shared, do not modify)."""
+    return _on("levels_4bit", _LEVELS_4BIT, device)
+
+
+def packed_size(numel: int) -> int:
+    """Bytes of ``numel`` 4-bit codes: two per byte."""
+    return -(-numel // 2)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 (flat) -> uint8 bytes: element 2i in the low nibble of byte i, element
+    2i+1 in the high nibble; with an odd count the last byte's high nibble is 0."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: the first ``numel`` codes (uint8, flat)."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 0xF, flat >> 4], dim=1).reshape(-1)[:numel]
+
+
+def round_up_to_bf16(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative fp32 -> the smallest bf16 >= it: an absmax that no value of its block
+    exceeds, so every normalized value lies in [-1, 1] (rounding to nearest could make it 1.004)."""
+    pattern = values.float().view(torch.int32).to(torch.int64) & _MASK32
+    up = torch.where(pattern & 0xFFFF != 0, (pattern | 0xFFFF) + 1, pattern)
+    return _to_int32_bits(up & _MASK32).view(torch.float32).to(torch.bfloat16)
+
+
+def _normalize(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """value * (1 / absmax) per block in fp32 (the subnormal rescale of the 8-bit format);
+    an absmax of 0 gives 0."""
+    flat = values.reshape(-1).float()
+    absmax = absmax.float()
+    scale = torch.where(absmax < SUBNORMAL_ABSMAX, SUBNORMAL_SCALE, 1.0)
+    inverse = torch.where(absmax > 0, torch.reciprocal(absmax * scale), torch.zeros_like(absmax))
+    blocks = _as_blocks(flat, block_size) * scale[:, None]
+    return (blocks * inverse[:, None]).reshape(-1)[: flat.numel()]
+
+
+def codes_4bit(normalized: torch.Tensor, uniform: torch.Tensor | float) -> torch.Tensor:
+    """uint8 codes 0..15 of fp32 values already divided by their block's absmax.
+
+    Between the two levels lo < hi around x (hi: the first level >= x, at least level 1), the
+    code of hi is taken iff ``uniform`` < (x - lo) / (hi - lo), in fp32 (two subtractions, one
+    correctly rounded division); values at or beyond the end levels take them. Stochastic
+    rounding passes u = (bits >> 8) * 2**-24 (exact in fp32, so E[level] = x up to that fp32
+    rounding); nearest rounding passes 0.5 (ties go to lo: 0 is stored as -1/225).
+    """
+    levels = levels_4bit(normalized.device)
+    x = normalized.float()
+    hi = torch.searchsorted(levels, x, right=False).clamp(1, len(levels) - 1)
+    low, high = levels[hi - 1], levels[hi]
+    fraction = (x - low) / (high - low)
+    index = torch.where(uniform < fraction, hi, hi - 1)
+    index = torch.where(x <= levels[0], 0, index)
+    return torch.where(x >= levels[-1], len(levels) - 1, index).to(torch.uint8)
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 random bits (int64) -> fp32 uniforms in [0, 1): (bits >> 8) * 2**-24, exact."""
+    return (bits >> 8).to(torch.float32) * 2.0**-24
+
+
+def quantize_4bit(
+    values: torch.Tensor, bits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values -> (packed uint8 codes [ceil(n/2)], bf16 absmax [ceil(n/32)]).
+
+    absmax = the block's max |value| rounded up to bf16; codes by :func:`codes_4bit`,
+    stochastically with uint32 ``bits`` (one per element), to nearest without.
+    """
+    flat = values.reshape(-1).float()
+    absmax = round_up_to_bf16(blockwise_absmax(flat, BLOCK_SIZE_4BIT))
+    normalized = _normalize(flat, absmax, BLOCK_SIZE_4BIT)
+    uniform = 0.5 if bits is None else uniform_from_bits(bits.reshape(-1))
+    return pack_nibbles(codes_4bit(normalized, uniform)), absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, numel: int) -> torch.Tensor:
+    """Packed 4-bit codes + bf16 absmax -> flat fp32 values (level * absmax, one fp32 multiply)."""
+    levels = levels_4bit(packed.device)[unpack_nibbles(packed, numel).long()]
+    scaled = _as_blocks(levels, BLOCK_SIZE_4BIT) * absmax.float()[:, None]
+    return scaled.reshape(-1)[:numel]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ exact fp32 operation order the fused paths reproduce:
                                           d = max(mean(where(aligned, 1, f)), 1e-5)
     weight decay on the old param:        p = p * (1 - lr*wd_eff), where u*p >= 0 if cautious wd
     p  = p - u*step                       step = lr without caution
-    m  = beta2*m + (1-beta2)*g            then stored: 8-bit codes, bf16 or fp32
+    m  = beta2*m + (1-beta2)*g            then stored: 8-bit or 4-bit codes, bf16 or fp32
 
 Host-side scalars are computed once in float64 (:func:`lion_scalars`) and rounded to the compute
 dtype, identically for every backend.
@@ -47,6 +47,10 @@ class LionScalars:
     cautious_factor: float
     cautious_weight_decay: bool
     maximize: bool
+    # With rounding keys given: whether bf16 / fp16 params and bf16 momentum round
+    # stochastically (the group's stochastic_rounding). "4bit" momentum always does: its
+    # stochastic rounding is part of the format (docs/4bit-study.md: nearest fails the gate).
+    stochastic_rounding: bool = True
 
     @property
     def cautious(self) -> bool:
@@ -74,6 +78,7 @@ def lion_scalars(group: dict) -> LionScalars:
         cautious_factor=float(group.get("cautious_factor", 1.0)),
         cautious_weight_decay=bool(group.get("cautious_weight_decay", False)),
         maximize=bool(group.get("maximize", False)),
+        stochastic_rounding=bool(group.get("stochastic_rounding", True)),
     )
 
 
@@ -200,7 +205,7 @@ def reference_aligned_count(
     The cautious mean's pre-pass: it reads only the old momentum (``momentum``: the tensor's
     momentum buffers, keys of :mod:`lion8bit.momentum`) and the gradient.
     """
-    old = decode_momentum(momentum, fmt, block_size, compute_dtype)
+    old = decode_momentum(momentum, fmt, block_size, compute_dtype, grad.shape)
     g, u = update_direction(grad.to(compute_dtype), old, scalars)
     return (u * g > 0).sum()
 
@@ -222,18 +227,22 @@ def reference_step(
 
     ``momentum`` holds the buffers in format ``fmt`` (keys of :mod:`lion8bit.momentum`).
     ``rounding_keys`` (from :func:`rounding_keys`) makes the rounding of bf16 / fp16 params and
-    of bf16 momentum stochastic, with the random bits of flat indices ``element_offset`` ... (the
-    tensor's place in the whole parameter, for a shard); None rounds to nearest even.
+    of bf16 momentum stochastic (unless ``scalars.stochastic_rounding`` is off), with the random
+    bits of flat indices ``element_offset`` ... (the tensor's place in the whole parameter, for a
+    shard); None rounds to nearest even. "4bit" momentum needs them: it always rounds
+    stochastically.
     """
-    old = decode_momentum(momentum, fmt, block_size, compute_dtype)
+    old = decode_momentum(momentum, fmt, block_size, compute_dtype, param.shape)
     new_param, new_momentum = lion_update(param.to(compute_dtype), grad.to(compute_dtype), old, scalars, cautious_steps)
     param_bits = momentum_bits = None
+    if fmt == "4bit" and rounding_keys is None:
+        raise ValueError('"4bit" momentum rounds stochastically: pass rounding_keys')
     if rounding_keys is not None:
         param_key, momentum_key = rounding_keys
-        if param.dtype in (torch.bfloat16, torch.float16):
+        if scalars.stochastic_rounding and param.dtype in (torch.bfloat16, torch.float16):
             param_bits = quant.random_bits(param_key, param.numel(), param.device, element_offset)
             param_bits = param_bits.view(param.shape)
-        if fmt == "bf16":
+        if fmt == "4bit" or (fmt == "bf16" and scalars.stochastic_rounding):
             momentum_bits = quant.random_bits(momentum_key, param.numel(), param.device, element_offset)
             momentum_bits = momentum_bits.view(param.shape)
     encode_momentum(momentum, new_momentum.float(), fmt, block_size, momentum_bits)

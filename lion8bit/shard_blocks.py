@@ -249,7 +249,7 @@ def decode(param: torch.Tensor, entry: dict, fmt: str, block_size: int) -> torch
     """The momentum of this rank's part of ``param`` as a new fp32 tensor (its local shape)."""
     view = sharded.local_entry(param, entry)
     if fmt != "8bit" or not sharded.is_sharded(param):
-        return mom.decode_momentum(view, fmt, block_size)
+        return mom.decode_momentum(view, fmt, block_size, shape=sharded.local(param).shape)
     codes = view[mom.MOMENTUM_CODES]
     lead = _lead(sharded.flat_range(param), block_size)
     padded = torch.cat([codes.new_full((lead,), quant.ZERO_CODE), codes.reshape(-1)])

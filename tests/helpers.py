@@ -22,7 +22,7 @@ PAIRINGS = [  # (param dtype, grad dtype)
     (torch.float16, torch.float16),
     (torch.float16, torch.float32),
 ]
-FORMATS = ["8bit", "bf16", "fp32"]
+FORMATS = ["8bit", "4bit", "bf16", "fp32"]
 TAILS = [1, 255, 257, 4095, 4097]  # numels that are not whole blocks, stages or tiles
 LR, INITIAL_LR = 1e-3, 2e-3  # decoupled_initial_lr != lr, so decoupled weight decay changes the decay
 # weight_decay, cautious_factor, cautious_weight_decay, decoupled_weight_decay, maximize, stochastic_rounding
@@ -92,9 +92,10 @@ def make_tensor(numel, param_dtype, grad_dtype, fmt, generator, block_size=quant
     zero = torch.rand(numel, generator=generator) < 0.05
     grad[zero], momentum[zero] = 0.0, 0.0
     param[torch.rand(numel, generator=generator) < 0.02] = 0.0
-    grad[: min(numel, block_size)][torch.rand(min(numel, block_size), generator=generator) < 0.5] = 0.0
-    if numel > block_size:
-        momentum[:block_size] = 0.0  # an all-zero block: absmax 0 before the step
+    block = mom.absmax_block(fmt, block_size)
+    grad[: min(numel, block)][torch.rand(min(numel, block), generator=generator) < 0.5] = 0.0
+    if numel > block:
+        momentum[:block] = 0.0  # an all-zero block: absmax 0 before the step
     entry = {
         mom.STEP: int(torch.randint(1, 10**6, (1,), generator=generator)),
         mom.SR_SEED: int(torch.randint(0, 2**32, (1,), generator=generator)),
@@ -149,7 +150,7 @@ def reference_steps(
             count = reference_aligned_count(grad, entry, scalars, fmt=fmt, block_size=block_size)
             cautious_steps = cautious_step_sizes(count, numel, scalars.lr, scalars.cautious_factor, torch.float32)
         keys = None
-        if group.get("stochastic_rounding"):
+        if group.get("stochastic_rounding") or fmt == "4bit":  # 4-bit momentum always rounds stochastically
             seed, step = entry[mom.SR_SEED], entry[mom.STEP]
             keys = (written_rounding_key(seed, step, 0), written_rounding_key(seed, step, 1))
         reference_step(

@@ -42,11 +42,12 @@ class Backend(Protocol):
     - ``params``, ``grads``: contiguous tensors on one device, updated in place (params); grads
       of the param dtype or fp32; zero-size tensors included.
     - ``momenta``: per tensor, a dict holding its contiguous momentum buffers — ``momentum_codes``
-      (uint8) and ``momentum_absmax`` (fp32) for "8bit", ``momentum`` (bf16 or fp32) otherwise
+      (uint8) and ``momentum_absmax`` (fp32) for "8bit", the same keys for "4bit" (codes packed
+      two per byte, flat; bf16 absmax per block of 32), ``momentum`` (bf16 or fp32) otherwise
       (keys of :mod:`lion8bit.momentum`; other keys, such as a state entry's ``step``, are
       ignored); updated in place. Write into them, never replace them: they may be views of
       sharded or staged state.
-    - ``formats``: per tensor, "8bit" | "bf16" | "fp32".
+    - ``formats``: per tensor, "8bit" | "4bit" | "bf16" | "fp32".
     - ``scalars``: the group's :class:`~lion8bit.reference.LionScalars`; ``block_size``: elements
       per absmax block.
     - ``step_scalars``: None, or (``capturable=True``) an fp32 tensor [6] on the params' device:
@@ -86,7 +87,7 @@ class Backend(Protocol):
         - ``element_offsets``: None (all 0), or per tensor the flat index of its first element in
           the whole parameter it is part of (a shard's place in it). Stochastic rounding draws
           the bits of those whole-parameter indices. For "8bit" a multiple of ``block_size``:
-          absmax blocks are blocks of the whole parameter.
+          absmax blocks are blocks of the whole parameter; for "4bit" a multiple of 32.
         """
 
 
@@ -192,6 +193,7 @@ def resolve(requested: str, device: torch.device, what: str = "tensors") -> Back
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BUFFER_DTYPES = {
     "8bit": {mom.MOMENTUM_CODES: torch.uint8, mom.MOMENTUM_ABSMAX: torch.float32},
+    "4bit": {mom.MOMENTUM_CODES: torch.uint8, mom.MOMENTUM_ABSMAX: torch.bfloat16},
     "bf16": {mom.MOMENTUM: torch.bfloat16},
     "fp32": {mom.MOMENTUM: torch.float32},
 }
@@ -215,10 +217,18 @@ def _tensor_is_valid(param, grad, momentum, fmt, offset, block_size) -> bool:
         buffer = momentum.get(key)
         if buffer is None or buffer.dtype is not dtype or buffer.device != device or not buffer.is_contiguous():
             return False
-        size = quant.num_blocks(numel, block_size) if key == mom.MOMENTUM_ABSMAX else numel
-        if buffer.numel() != size:
+        if buffer.numel() != _buffer_numel(key, fmt, numel, block_size):
             return False
-    return type(offset) is int and offset >= 0 and not (fmt == "8bit" and offset % block_size)
+    blocked = fmt in mom.QUANTIZED and offset % mom.absmax_block(fmt, block_size)
+    return type(offset) is int and offset >= 0 and not blocked
+
+
+def _buffer_numel(key: str, fmt: str, numel: int, block_size: int) -> int:
+    if key == mom.MOMENTUM_ABSMAX:
+        return quant.num_blocks(numel, mom.absmax_block(fmt, block_size))
+    if fmt == "4bit":
+        return quant.packed_size(numel)
+    return numel
 
 
 def check_tensors(backend: str, params, grads, momenta, formats, block_size: int, element_offsets=None) -> None:
@@ -244,9 +254,7 @@ def _diagnose(where: str, param, grad, momentum, fmt, offset, block_size: int) -
     expected = _BUFFER_DTYPES[fmt]
     if not set(expected) <= set(momentum):
         raise ValueError(f"Invalid momentum buffers for {where}: {sorted(momentum)}, expected {sorted(expected)}")
-    sizes = {key: param.numel() for key in expected}
-    if fmt == "8bit":
-        sizes[mom.MOMENTUM_ABSMAX] = quant.num_blocks(param.numel(), block_size)
+    sizes = {key: _buffer_numel(key, fmt, param.numel(), block_size) for key in expected}
     for tensor, what, dtype, numel in [
         (grad, "grad", grad.dtype, param.numel()),
         *((momentum[key], key, expected[key], sizes[key]) for key in expected),
@@ -261,5 +269,5 @@ def _diagnose(where: str, param, grad, momentum, fmt, offset, block_size: int) -
         raise ValueError(f"Invalid param for {where}: must be contiguous")
     raise ValueError(
         f"Invalid element offset for {where}: {offset!r} (a non-negative int; for 8-bit state "
-        f"a multiple of block_size={block_size})"
+        f"a multiple of block_size={block_size}, for 4-bit state of {quant.BLOCK_SIZE_4BIT})"
     )

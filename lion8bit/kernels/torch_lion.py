@@ -19,7 +19,12 @@ def _with_device_scalars(scalars, step_scalars):
     return dataclasses.replace(scalars, **{name: step_scalars[i] for i, name in enumerate(STEP_SCALARS)})
 
 
-_BUFFERS = {"8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX), "bf16": (mom.MOMENTUM,), "fp32": (mom.MOMENTUM,)}
+_BUFFERS = {
+    "8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
+    "4bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
+    "bf16": (mom.MOMENTUM,),
+    "fp32": (mom.MOMENTUM,),
+}
 
 
 def _keys(rounding_keys, index):
