@@ -156,13 +156,15 @@ def synthetic_images(num_train: int = 2048, num_test: int = 512, seed: int = 0):
 # one vocabulary (lion8bit/budget/optimizers.py). --optimizers takes a comma-separated list of them.
 OPTIMIZERS = {
     name: OPTIMIZER_NAMES[name]
-    for name in ("lion8bit", "lion8bit-bf16", "lion8bit-cautious", "lion-pytorch", "bnb-lion8bit", "adamw")
+    for name in (
+        "lion8bit", "lion8bit-4bit", "lion8bit-bf16", "lion8bit-cautious", "lion-pytorch", "bnb-lion8bit", "adamw"
+    )
 }
 # lion_pytorch.Lion: fp32 momentum for the scripts' fp32 params, the reference
 REFERENCE = "lion-pytorch"
 # The same update rule and hyper-parameters as the reference, only the momentum's storage differs:
 # these are the ones the convergence check applies to.
-SAME_UPDATE = ("lion8bit", "lion8bit-bf16", "bnb-lion8bit")
+SAME_UPDATE = ("lion8bit", "lion8bit-4bit", "lion8bit-bf16", "bnb-lion8bit")
 
 
 # The package each optimizer needs beyond lion8bit and torch (all in the "examples" extra).
@@ -233,6 +235,8 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) 
     groups = param_groups(model, args.lion_wd)
     if name == "lion8bit":
         return lion8bit.Lion8bit(groups, lr=args.lion_lr, betas=betas)
+    if name == "lion8bit-4bit":
+        return lion8bit.Lion(groups, lr=args.lion_lr, betas=betas, state="4bit")
     if name == "lion8bit-bf16":
         return lion8bit.Lion(groups, lr=args.lion_lr, betas=betas, state="bf16")
     if name == "lion8bit-cautious":

@@ -124,7 +124,9 @@ MAKERS = {
     "bnb-lion8bit": lambda params, rules: bnb.optim.Lion8bit(params, min_8bit_size=rules.min_8bit_size),
     **{
         key: functools.partial(_lion8bit, kind)
-        for key, kind in (("lion8bit", "8bit"), ("lion8bit-bf16", "bf16"), ("lion8bit-fp32", "fp32"))
+        for key, kind in (
+            ("lion8bit", "8bit"), ("lion8bit-4bit", "4bit"), ("lion8bit-bf16", "bf16"), ("lion8bit-fp32", "fp32")
+        )
     },
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -51,7 +51,7 @@ def grads_for(net, seed, poison=None):
 # -- GradScaler ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
+@pytest.mark.parametrize("state", mom.STATE_KINDS)
 def test_grad_scaler_skips_a_step_with_inf_grads_leaving_params_and_momentum_bit_identical(state):
     net = model()
     optimizer = Lion(net.parameters(), **OPTIONS, state=state)
@@ -87,7 +87,7 @@ def test_grad_scaler_skips_a_step_with_inf_grads_leaving_params_and_momentum_bit
 
 
 @pytest.mark.parametrize("backend", native_cpu_backends())
-@pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
+@pytest.mark.parametrize("state", mom.STATE_KINDS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
 def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poison):
     net, clean = model(), model()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lion8bit
-from lion8bit import Lion, Lion8bit, PagedLion8bit
+from lion8bit import Lion, Lion8bit, PagedLion8bit, quant
 from lion8bit import momentum as mom
 
 
@@ -35,7 +35,7 @@ def test_public_api():
         (dict(weight_decay=float("nan")), ValueError, "Invalid weight_decay"),
         (dict(cautious_factor=1.5), ValueError, "Invalid cautious_factor"),
         (dict(cautious_factor=-0.1), ValueError, "Invalid cautious_factor"),
-        (dict(state="4bit"), ValueError, "Invalid state"),
+        (dict(state="2bit"), ValueError, "Invalid state"),
         (dict(backend="cuda"), ValueError, "Invalid backend"),
         (dict(block_size=0), ValueError, "Invalid block_size"),
         (dict(block_size=100), ValueError, "Invalid block_size"),
@@ -180,6 +180,30 @@ def test_changing_a_groups_state_kind_reencodes_the_momentum():
     assert mom.stored_format(optimizer.state[p]) == "bf16"
     expected = (momentum.bfloat16().float() * 0.99).bfloat16()
     assert torch.equal(optimizer.state[p][mom.MOMENTUM], expected)
+
+
+@pytest.mark.parametrize("before", ["fp32", "8bit"])
+def test_changing_a_groups_state_kind_to_4bit_reencodes_the_momentum(before):
+    p = param(80, 80)
+    optimizer = Lion([p], lr=1e-3, state=before)
+    optimizer.step()
+    momentum = mom.decode_momentum(optimizer.state[p], before, 256, shape=p.shape)
+    optimizer.param_groups[0]["state"] = "4bit"
+    p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero grads: the re-encoded momentum only decays by beta2, then is stored in 4 bits
+    entry = optimizer.state[p]
+    assert mom.stored_format(entry) == "4bit"
+    # re-encoding rounds to nearest (no step's random bits); the step then rounds stochastically
+    # with the momentum stream's key of step 2 and the seed every 4-bit entry gets
+    codes, absmax = quant.quantize_4bit(momentum)
+    reencoded = quant.dequantize_4bit(codes, absmax, p.numel())
+    key = quant.rounding_key(entry[mom.SR_SEED], 2, quant.STREAM_MOMENTUM)
+    expected = quant.quantize_4bit(reencoded * 0.99, quant.random_bits(key, p.numel(), "cpu"))
+    assert torch.equal(entry[mom.MOMENTUM_CODES], expected[0])
+    assert torch.equal(entry[mom.MOMENTUM_ABSMAX], expected[1])
+    optimizer.param_groups[0]["state"] = before
+    optimizer.step()
+    assert mom.stored_format(optimizer.state[p]) == before
 
 
 def test_decoupled_decay_divides_by_the_lr_at_construction_whatever_the_scheduler():

@@ -11,7 +11,7 @@ from lion8bit import momentum as mom
 
 from helpers import native_cpu_backends
 
-STATE_KINDS = ["8bit", "bf16", "fp32"]
+STATE_KINDS = list(mom.STATE_KINDS)
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -184,6 +184,8 @@ def _trained(**options):
     "saved, loading, message",
     [
         (dict(state="8bit"), dict(state="bf16"), "state="),
+        (dict(state="8bit"), dict(state="4bit"), "state="),
+        (dict(state="4bit"), dict(state="8bit"), "state="),
         (dict(block_size=128), dict(block_size=256), "block_size="),
         (dict(min_8bit_size=100), dict(min_8bit_size=4096), "min_8bit_size="),
     ],
@@ -250,3 +252,24 @@ def test_corrupted_state_is_rejected_and_nothing_changes(corrupt, message):
                 assert torch.equal(value, entry_after[key])
             else:
                 assert value == entry_after[key]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda e: e.update({mom.MOMENTUM_CODES: e[mom.MOMENTUM_CODES][:-1]}), "momentum_codes has shape"),
+        (lambda e: e.update({mom.MOMENTUM_CODES: e[mom.MOMENTUM_CODES].view(50, -1)}), "momentum_codes has shape"),
+        (lambda e: e.update({mom.MOMENTUM_ABSMAX: e[mom.MOMENTUM_ABSMAX][:-1]}), "momentum_absmax has shape"),
+        # an fp32 absmax is the 8-bit format's: the codes would be read as the wrong format
+        (lambda e: e.update({mom.MOMENTUM_ABSMAX: e[mom.MOMENTUM_ABSMAX].float()}), "holds '8bit'"),
+    ],
+    ids=["truncated-codes", "codes-reshaped", "short-absmax", "fp32-absmax"],
+)
+def test_corrupted_4bit_state_is_rejected(corrupt, message):
+    _, source = _trained(state="4bit")
+    state_dict = copy.deepcopy(source.state_dict())
+    assert state_dict["state"][0][mom.MOMENTUM_ABSMAX].dtype == torch.bfloat16  # the first weight: 4-bit state
+    corrupt(state_dict["state"][0])
+    _, target = _trained(state="4bit")
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state_dict)

@@ -113,7 +113,7 @@ def test_param_groups_default_embedding_state_is_the_documented_one():
         (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
         (dict(weight_decay=float("nan")), "Invalid weight_decay value: nan"),
         (dict(weight_decay=True), "Invalid weight_decay value: True"),
-        (dict(weight_decay=0.1, embedding_state="4bit"), "Invalid embedding_state: '4bit'"),
+        (dict(weight_decay=0.1, embedding_state="2bit"), "Invalid embedding_state: '2bit'"),
     ],
 )
 def test_param_groups_reject_invalid_options(options, message):

@@ -30,7 +30,7 @@ def assert_same(params, twins):
         assert torch.equal(p.detach().contiguous(), q.detach())
 
 
-@pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
+@pytest.mark.parametrize("state", mom.STATE_KINDS)
 def test_noncontiguous_channels_last_and_views(state):
     storage = torch.randn(70, 90)
     params = [

@@ -11,6 +11,7 @@ Plain data, no torch: importing it costs nothing.
 # name -> what it is, in one line
 OPTIMIZER_NAMES: dict[str, str] = {
     "lion8bit": "lion8bit.Lion8bit: 8-bit momentum (fp32 under min_8bit_size)",
+    "lion8bit-4bit": 'lion8bit.Lion(state="4bit"): 4-bit momentum (fp32 under min_8bit_size)',
     "lion8bit-bf16": 'lion8bit.Lion(state="bf16"): bf16 momentum',
     "lion8bit-fp32": 'lion8bit.Lion(state="fp32"): fp32 momentum',
     "lion8bit-cautious": "lion8bit.Lion8bit(cautious_factor=0.0): 8-bit momentum, cautious update",

@@ -125,6 +125,10 @@ OPTIMIZERS: dict[str, OptimizerRule] = {
             lambda dtype, rules: f"8-bit (fp32 < {rules.min_8bit_size})",
         ),
         OptimizerRule(
+            "lion8bit-4bit", "Lion 4-bit state (lion8bit)", _ours_nbytes("4bit"),
+            lambda dtype, rules: f"4-bit (fp32 < {rules.min_8bit_size})",
+        ),
+        OptimizerRule(
             "paged-lion8bit", "PagedLion8bit (lion8bit)", _ours_nbytes("8bit"),
             lambda dtype, rules: f"8-bit paged (fp32 < {rules.min_8bit_size})",
             paged=True,
@@ -148,6 +152,6 @@ OPTIMIZERS: dict[str, OptimizerRule] = {
     )
 }
 DEFAULT_OPTIMIZERS = (
-    "adamw", "bnb-adamw8bit", "lion-pytorch", "lion8bit-bf16", "lion8bit", "paged-lion8bit", "sgd"
+    "adamw", "bnb-adamw8bit", "lion-pytorch", "lion8bit-bf16", "lion8bit", "lion8bit-4bit", "paged-lion8bit", "sgd"
 )
 
