@@ -123,7 +123,7 @@ def test_bitsandbytes_state_continues_like_bitsandbytes(state):
             assert (p != q).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("state", ["8bit", "bf16", "fp32"])
+@pytest.mark.parametrize("state", mom.STATE_KINDS)
 @pytest.mark.parametrize("cautious", [False, True])
 def test_lion_pytorch_state_loads(state, cautious):
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
@@ -144,12 +144,15 @@ def test_lion_pytorch_state_loads(state, cautious):
     for p, q in zip(params, ours, strict=True):
         fmt = mom.stored_format(optimizer.state[q])
         assert fmt == mom.momentum_format(q.numel(), state, 4096)
-        loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE)
+        loaded = mom.decode_momentum(optimizer.state[q], fmt, quant.BLOCK_SIZE, shape=q.shape)
         original = theirs.state[p]["exp_avg"]
         if fmt == "fp32":
             assert torch.equal(loaded, original)
         elif fmt == "bf16":
             assert torch.equal(loaded, original.bfloat16().float())
+        elif fmt == "4bit":  # converted to nearest: no step's random bits to draw from
+            codes, absmax = quant.quantize_4bit(original)
+            assert torch.equal(loaded, quant.dequantize_4bit(codes, absmax, q.numel()).view(q.shape))
         else:
             codes, absmax = quant.quantize_blockwise(original)
             assert torch.equal(loaded, quant.dequantize_blockwise(codes, absmax))
@@ -184,6 +187,18 @@ def test_export_from_8bit_dequantizes():
     entry = ours.state[params[0]]
     expected = quant.dequantize_blockwise(entry[mom.MOMENTUM_CODES], entry[mom.MOMENTUM_ABSMAX])
     assert torch.equal(exported["state"][0]["exp_avg"], expected)
+
+
+def test_export_from_4bit_dequantizes():
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+    ours = Lion(params, lr=2e-4, state="4bit")
+    fill_grads(params, 0)
+    ours.step()
+    exported = interop.to_lion_pytorch_state_dict(ours)
+    entry = ours.state[params[0]]
+    assert mom.stored_format(entry) == "4bit"
+    expected = quant.dequantize_4bit(entry[mom.MOMENTUM_CODES], entry[mom.MOMENTUM_ABSMAX], params[0].numel())
+    assert torch.equal(exported["state"][0]["exp_avg"], expected.view(params[0].shape))
 
 
 def test_foreign_state_that_does_not_fit_is_rejected():

@@ -241,3 +241,63 @@ def test_stochastic_rounding_keeps_exact_and_nonfinite_values(dtype):
     rounded = quant.round_to_storage(values, dtype, bits)
     assert torch.equal(rounded[:6], values[:6].to(dtype))
     assert torch.isnan(rounded[6])
+
+
+# -- the 4-bit format (state="4bit") ----------------------------------------------------------
+
+
+def test_4bit_levels_are_the_square_root_companded_map():
+    levels = quant.levels_4bit()
+    magnitudes = torch.tensor([((2 * k - 1) / 15) ** 2 for k in range(1, 9)], dtype=torch.float64).float()
+    assert levels.dtype == torch.float32 and levels.numel() == 16
+    assert torch.equal(levels[8:], magnitudes) and torch.equal(levels[:8], -magnitudes.flip(0))
+    assert not torch.any(levels == 0), "every code carries a sign"
+
+
+@pytest.mark.parametrize("numel", [0, 1, 2, 31, 33, 4097])
+def test_nibbles_round_trip_low_nibble_first(numel):
+    codes = torch.randint(0, 16, (numel,), dtype=torch.uint8)
+    packed = quant.pack_nibbles(codes)
+    assert packed.numel() == quant.packed_size(numel) == (numel + 1) // 2
+    assert torch.equal(quant.unpack_nibbles(packed, numel), codes)
+    if numel >= 2:
+        assert int(packed[0]) == int(codes[0]) | int(codes[1]) << 4  # element 0 in the low nibble
+    if numel % 2:
+        assert int(packed[-1]) >> 4 == 0  # the unused high nibble of an odd count is 0
+
+
+def test_bf16_absmax_is_rounded_up_and_exact_when_representable():
+    values = torch.cat([torch.rand(1000) * 10.0 ** torch.randint(-30, 30, (1000,)), torch.tensor([0.0, 1.0, 3.0])])
+    up = quant.round_up_to_bf16(values)
+    assert up.dtype == torch.bfloat16
+    assert torch.all(up.float() >= values)
+    below = up.float().view(torch.int32) - 0x10000  # the next bf16 toward zero
+    assert torch.all((below.view(torch.float32) < values) | (up.float() == values))
+    representable = values.bfloat16().float()
+    assert torch.equal(quant.round_up_to_bf16(representable).float(), representable)
+
+
+def test_4bit_nearest_keeps_levels_and_the_block_maximum():
+    levels = quant.levels_4bit()
+    assert torch.equal(levels[quant.codes_4bit(levels, 0.5).long()], levels)
+    values = torch.randn(1000)
+    codes, absmax = quant.quantize_4bit(values)
+    decoded = quant.dequantize_4bit(codes, absmax, values.numel())
+    blocks = torch.nn.functional.pad(values, (0, 24)).view(-1, 32)
+    top = blocks.abs().argmax(1) + torch.arange(len(blocks)) * 32
+    assert torch.equal(decoded[top].abs(), absmax.float())  # +-1 level times the rounded-up absmax
+    assert torch.equal(torch.sign(decoded[top]), torch.sign(values[top]))
+
+
+def test_4bit_stochastic_rounding_picks_the_upper_level_with_its_fraction():
+    # For x between levels lo < hi, over u = k / 2**12 (k = 0 .. 4095) the share taking hi is
+    # the fraction (x - lo) / (hi - lo) to within one grid step: E[level] = x.
+    levels = quant.levels_4bit()
+    uniforms = torch.arange(4096, dtype=torch.float32) / 4096
+    for lo in range(15):
+        x = levels[lo] + 0.3 * (levels[lo + 1] - levels[lo])
+        codes = quant.codes_4bit(x.expand(4096).clone(), uniforms)
+        assert set(codes.tolist()) <= {lo, lo + 1}
+        share = (codes == lo + 1).float().mean()
+        fraction = (x - levels[lo]) / (levels[lo + 1] - levels[lo])
+        assert abs(float(share - fraction)) <= 1 / 4096

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lion8bit import quant
+from lion8bit import Lion, quant
+from lion8bit import momentum as mom
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,6 +101,34 @@ def test_format_round_trip_keeps_the_block_maximum_and_the_budget():
     assert torch.all((decoded[maxima] - values[maxima]).abs() <= BF16_ROUND_UP_RTOL * values[maxima].abs())
     assert fmt.nbytes(1000) == 500 + 2 * 16
     assert fmt.bytes_per_param == 0.5 + 2 / 64
+
+
+def test_shipped_4bit_state_is_the_gated_format_bit_for_bit():
+    """lion8bit's state="4bit" (the spec, backend "torch") steps exactly as the study's
+    FormatLion with sqrt-32-bf16-sr, the format that passed the gate: params, codes and absmax
+    agree after several steps, with partial blocks (the fused backends are tied to the spec by
+    tests/test_backends.py). No tensor under min_8bit_size: FormatLion updates fp32 momentum as
+    lion-pytorch does (add_ with alpha, one rounding), the spec with two roundings."""
+    shapes = [(100, 51), (4096,), (70, 70), (4097,)]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    ours = [torch.nn.Parameter(x.clone()) for x in start]
+    theirs = [torch.nn.Parameter(x.clone()) for x in start]
+    ours_opt = Lion(ours, lr=1e-3, weight_decay=0.1, state="4bit", backend="torch")
+    gated = formats.Format.parse("sqrt-32-bf16-sr")
+    theirs_opt = formats.FormatLion(theirs, lr=1e-3, weight_decay=0.1, fmt=gated, min_size=4096)
+    assert torch.equal(quant.levels_4bit(), gated.levels)
+    for _ in range(4):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+        entry, expected = ours_opt.state[a], theirs_opt.state[b]
+        assert torch.equal(quant.unpack_nibbles(entry[mom.MOMENTUM_CODES], a.numel()), expected["codes"])
+        assert torch.equal(entry[mom.MOMENTUM_ABSMAX].float(), expected["absmax"])
 
 
 @pytest.mark.slow
