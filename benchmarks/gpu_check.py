@@ -67,7 +67,7 @@ import torch  # noqa: E402
 import lion8bit  # noqa: E402
 
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 0.1
-STATES = ("8bit", "bf16", "fp32")
+STATES = ("8bit", "4bit", "bf16", "fp32")  # lion8bit.momentum.STATE_KINDS
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GIB = 2**30
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lion8bit.optimizer
-from lion8bit import Lion8bit, PagedLion8bit, paged
+from lion8bit import Lion, Lion8bit, PagedLion8bit, paged
 from lion8bit import momentum as mom
 
 BIG = (512, 256)  # 131072 elements: paged (mom.PAGED_MIN_NUMEL = 100000)
@@ -48,15 +48,17 @@ def momentum_buffers(optimizer, param):
     ]
 
 
-def paged_bytes_of(params):
-    return sum(mom.momentum_nbytes(p.numel(), "8bit") for p in params if p.numel() >= mom.PAGED_MIN_NUMEL)
+def paged_bytes_of(params, fmt="8bit"):
+    return sum(mom.momentum_nbytes(p.numel(), fmt) for p in params if p.numel() >= mom.PAGED_MIN_NUMEL)
 
 
 @pytest.mark.gpu
-def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
+@pytest.mark.parametrize("state", ["8bit", "4bit"])
+def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state(state):
     params, twins = make_params(), make_params()
     before = paged.allocated_bytes()
-    optimizer, unpaged = PagedLion8bit(params, **OPTIONS), Lion8bit(twins, **OPTIONS)
+    optimizer = Lion(params, state=state, paged=True, **OPTIONS)
+    unpaged = Lion(twins, state=state, **OPTIONS)
     train(optimizer, params, 5)
     train(unpaged, twins, 5)
     for param, twin in zip(params, twins, strict=True):
@@ -64,7 +66,7 @@ def test_paged_state_lives_in_managed_memory_and_steps_like_unpaged_state():
         assert all(
             paged.is_paged(b) == (param.numel() >= mom.PAGED_MIN_NUMEL) for b in momentum_buffers(optimizer, param)
         )
-    assert paged.allocated_bytes() - before == paged_bytes_of(params)
+    assert paged.allocated_bytes() - before == paged_bytes_of(params, state)
 
 
 @pytest.mark.gpu
