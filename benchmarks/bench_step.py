@@ -135,6 +135,7 @@ OPTIMIZERS = {
     (variant.optimizer, variant.backend): variant
     for variant in (
         Variant("lion8bit", "cpu", "lion8bit.Lion", "8bit", _lion8bit("8bit", "cpu")),
+        Variant("lion8bit-4bit", "cpu", "lion8bit.Lion", "4bit", _lion8bit("4bit", "cpu")),
         Variant("lion8bit-bf16", "cpu", "lion8bit.Lion", "bf16", _lion8bit("bf16", "cpu")),
         Variant("lion8bit-fp32", "cpu", "lion8bit.Lion", "fp32", _lion8bit("fp32", "cpu")),
         Variant("lion8bit", "torch", "lion8bit.Lion", "8bit", _lion8bit("8bit", "torch")),
@@ -152,6 +153,8 @@ PEERS = [
 ]
 REFERENCE = [key for key in OPTIMIZERS if key[1] == "torch"]
 HEADLINE = ("lion8bit", "cpu")
+# The headline's columns: the 4-bit state's step, then the peers', each over the 8-bit step.
+COMPARED = [("lion8bit-4bit", "cpu"), *PEERS]
 
 
 def problems(quick: bool) -> list[Problem]:
@@ -386,9 +389,9 @@ def markdown(rows, env: dict, command: str) -> str:
         "(x = times slower than `lion8bit` on backend `cpu`; optimizer (backend)).",
         "",
         "| problem | params | lion8bit (cpu) ms | floor ms | x floor | "
-        + " | ".join(f"{name} ({backend})" if backend else name for name, backend in PEERS)
+        + " | ".join(f"{name} ({backend})" if backend else name for name, backend in COMPARED)
         + " | peak growth MiB | load |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | --- | ---: | ---: | ---: | " + "---: | " * len(COMPARED) + "---: | --- |",
     ]
     by_problem = {}
     for row in rows:
@@ -405,7 +408,7 @@ def markdown(rows, env: dict, command: str) -> str:
 
         lines.append(
             f"| {problem} | {dtype} | {ours['median_ms']:.1f} | {ours['floor_ms']:.1f} | {ours['x_floor']:.2f} | "
-            + " | ".join(ratio(key) for key in PEERS)
+            + " | ".join(ratio(key) for key in COMPARED)
             + f" | {_fmt(ours['peak_growth_mib'])} | {ours['load_before']:.1f}-{ours['load_after']:.1f} |"
         )
     lines += [
