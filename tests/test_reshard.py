@@ -19,6 +19,7 @@ from lion8bit import Lion
 from lion8bit import momentum as mom
 
 from distributed_helpers import (
+    FOUR_BIT,
     LR,
     OPTIONS,
     Aligned,
@@ -52,6 +53,9 @@ CASES = {
     "net-bf16": (
         Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True, cautious_factor=0.0)
     ),
+    # packed codes and bf16 absmax in blocks of 32, cut at odd offsets (mid.bias: 41 on 2 ranks,
+    # 27 on 3, 21 and 63 on 4), and always-stochastic momentum rounding with bf16 params to nearest
+    "net-4bit": (Net, torch.bfloat16, dict(OPTIONS, **FOUR_BIT, cautious_factor=0.3)),
 }
 SAVED_STEPS, CONTINUED_STEPS = 6, 3
 
@@ -100,9 +104,11 @@ def _full_state_dicts(model, optimizer) -> dict:
     }
 
 
-def _cut_blocks(model, block_size=256) -> int:
+def _cut_blocks(model, optimizer) -> int:
     from lion8bit.shard_blocks import cut_blocks
 
+    group = optimizer.param_groups[0]
+    block_size = mom.absmax_block(group["state"], group["block_size"])
     return sum(len(cut_blocks(p, block_size)) for p in model.parameters() if hasattr(p, "device_mesh"))
 
 
@@ -147,7 +153,7 @@ def _load(rank, world_size, root, source, save_as=None, mesh_shape=None, shard=T
         model, optimizer = build(case, seed=1, mesh=mesh, shard=shard)
         load_checkpoint(model, optimizer, os.path.join(root, source, case))
         report = reports[case] = {
-            "cut blocks": _cut_blocks(model),
+            "cut blocks": _cut_blocks(model, optimizer),
             "dcp": differences(full_state(model, optimizer), expected["saved"]),
         }
         if save_as:
@@ -168,8 +174,14 @@ TRAJECTORY_CONFIGS = [
     dict(state="8bit", block_size=64, cautious_weight_decay=True, cautious_factor=0.0),
     dict(state="bf16", cautious_factor=0.3, stochastic_rounding=True),
     dict(state="fp32", stochastic_rounding=True, dtype=torch.bfloat16),
+    # 4 ranks: mid.bias's block [32, 64) is cut in three (21 | 42 | 63), the middle shard inside it
+    dict(FOUR_BIT, cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+    dict(FOUR_BIT, cautious_weight_decay=True, cautious_factor=0.0, maximize=True),
 ]
-HSDP_CONFIGS = [dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16)]
+HSDP_CONFIGS = [
+    dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+    dict(FOUR_BIT, cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+]
 
 
 class Eligibility(torch.nn.Module):
@@ -297,7 +309,7 @@ def test_loading_at_another_world_size_reads_back_the_saved_state(request, resha
 def test_shard_boundaries_cut_blocks_at_every_world_size(three, four, two):
     """The cases above are not the easy ones: the 8-bit params' shards cut blocks."""
     for reports in (three, four, two):
-        for case in ("user-mlp", "net-8bit"):
+        for case in ("user-mlp", "net-8bit", "net-4bit"):
             assert reports[0]["load"][case]["cut blocks"] > 0, case
 
 
@@ -314,8 +326,9 @@ def test_hsdp_is_bit_identical_and_reduces_over_the_shard_dim_only(four, index):
     config = HSDP_CONFIGS[index]
     for report in reports:
         assert report["differences"] == [], report
-        # caution's counts, and for 8-bit the cut blocks' maxima: each on the shard group of 2
-        assert report["all_reduces_per_step"] == 1 + (config["state"] == "8bit")
+        # caution's counts, the cut blocks' maxima, and for 4-bit their codes: each on the shard
+        # group of 2
+        assert report["all_reduces_per_step"] == 1 + {"8bit": 1, "4bit": 2}[config["state"]]
         assert report["all_reduce_group_sizes"] == [2]
     assert [r["shard"] for r in reports] == [0, 1, 0, 1]  # ranks 0, 2 and 1, 3: replicas
 
