@@ -480,9 +480,9 @@ def _bad_inputs(rank, world_size):
     return reports
 
 
-def _interop(rank, world_size):
+def _interop(rank, world_size, options):
     """To lion-pytorch from an FSDP2 optimizer, and bitsandbytes / lion-pytorch state dicts into
-    one, each against the same thing done unsharded."""
+    one, each against the same thing done unsharded (the optimizers' ``options``)."""
     import bitsandbytes as bnb
     import lion_pytorch
 
@@ -490,7 +490,7 @@ def _interop(rank, world_size):
 
     report = {}
     model, twin = make_fsdp_model()
-    optimizer, reference = Lion(model.parameters(), **OPTIONS), Lion(twin.parameters(), **OPTIONS)
+    optimizer, reference = Lion(model.parameters(), **options), Lion(twin.parameters(), **options)
     synthetic_steps(model, optimizer, range(2))
     synthetic_steps(twin, reference, range(2))
     exported, expected = to_lion_pytorch_state_dict(optimizer), to_lion_pytorch_state_dict(reference)
@@ -518,13 +518,13 @@ def _interop(rank, world_size):
     for name, source in sources.items():
         synthetic_steps(bnb_params if name == "bitsandbytes" else peer_params, source, range(2))
         model, twin = make_fsdp_model(seed=1)
-        optimizer, reference = Lion(model.parameters(), **OPTIONS), Lion(twin.parameters(), **OPTIONS)
+        optimizer, reference = Lion(model.parameters(), **options), Lion(twin.parameters(), **options)
         optimizer.load_state_dict(source.state_dict())
         reference.load_state_dict(source.state_dict())
         states = [{k: v for k, v in full_state(m, o).items() if k.startswith("state")} for m, o in
                   [(model, optimizer), (twin, reference)]]
         report[f"{name} differences"] = differences(*states)
-        report[f"{name} 8-bit"] = mom.MOMENTUM_CODES in optimizer.state[next(model.parameters())]
+        report[f"{name} quantized"] = mom.MOMENTUM_CODES in optimizer.state[next(model.parameters())]
     return report
 
 
@@ -537,7 +537,8 @@ def _two_ranks(rank, world_size, root):
         "load": _load(rank, world_size, root, source="3"),
         "per-shard checkpoints": _per_shard_checkpoints(rank, world_size, root),
         "bad inputs": _bad_inputs(rank, world_size),
-        "interop": _interop(rank, world_size),
+        "interop": _interop(rank, world_size, OPTIONS),
+        "interop 4bit": _interop(rank, world_size, {**OPTIONS, **FOUR_BIT}),
     }
 
 
@@ -575,10 +576,11 @@ def test_bad_inputs_raise_naming_the_problem_and_load_nothing(two, case):
         assert report["changed"] == [], report
 
 
-def test_lion_pytorch_export_from_fsdp2_and_peer_checkpoints_into_fsdp2(two):
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_lion_pytorch_export_from_fsdp2_and_peer_checkpoints_into_fsdp2(two, kind):
     for rank_report in two:
-        report = rank_report["interop"]
+        report = rank_report["interop" if kind == "8bit" else "interop 4bit"]
         assert report["export is sharded like the params"], report
         assert report["export differences"] == [] and report["lion-pytorch step differences"] == [], report
         for peer in ("bitsandbytes", "lion-pytorch"):
-            assert report[f"{peer} differences"] == [] and report[f"{peer} 8-bit"], (peer, report)
+            assert report[f"{peer} differences"] == [] and report[f"{peer} quantized"], (peer, report)
