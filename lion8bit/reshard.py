@@ -1,4 +1,5 @@
-"""8-bit state of DTensor params in checkpoints: one absmax tensor of the whole parameter's blocks.
+"""8-bit and 4-bit state of DTensor params in checkpoints: one absmax tensor of the whole
+parameter's blocks (and one of its packed 4-bit codes).
 
 While training, a rank holds the absmax of the blocks that overlap its shard
 (:func:`lion8bit.sharded.runtime_blocks`; a block cut by a shard boundary is on both ranks). A
@@ -21,6 +22,12 @@ full state dict, bitsandbytes' or lion-pytorch's), of which each rank takes its 
 per-shard absmax of lion8bit before global blocks, shape (shards, blocks per shard), converted
 exactly when its blocks are the whole parameter's (every shard boundary on a block boundary) and
 refused otherwise (re-blocking would requantize the momentum).
+
+4-bit state (blocks of 32) goes the same way: its bf16 absmax as above, and its packed codes,
+which a rank holds for the whole blocks its shard overlaps (lion8bit/sharded.py), as one DTensor
+of the whole parameter's bytes, shape (ceil(numel / 2),), chunked like the absmax; each block's
+bytes are sent by the shard that owns the block (holds its first element). One all_to_all per
+dtype: fp32 absmax, bf16 absmax, uint8 codes (:class:`_Buffer` says which units each holds).
 """
 
 from __future__ import annotations
