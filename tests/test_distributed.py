@@ -163,12 +163,12 @@ def test_dtensor_misuse_raises_clear_errors(tmp_path):
         assert "is a plain tensor; expected a DTensor placed" in messages["plain grad"]
 
 
-def _fsdp_skip_nonfinite(rank, world_size):
+def _fsdp_skip_nonfinite(rank, world_size, options):
     """A NaN in rank 0's shard only: with skip_nonfinite every rank must skip that step."""
     from lion8bit.sharded import local
 
     model, _ = make_fsdp_model()
-    optimizer = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, min_8bit_size=64, skip_nonfinite=True)
+    optimizer = Lion(model.parameters(), **{**OPTIONS, **options}, skip_nonfinite=True)
     train(model, optimizer, rank, range(2))
     before = [local(p).detach().clone() for p in model.parameters()]
     state_before = full_state(model, optimizer)
@@ -187,8 +187,9 @@ def _fsdp_skip_nonfinite(rank, world_size):
 
 
 @pytest.mark.slow
-def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_a_nan(tmp_path):
-    for report in spawn(_fsdp_skip_nonfinite, 2, tmp_path):
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_a_nan(tmp_path, kind):
+    for report in spawn(_fsdp_skip_nonfinite, 2, tmp_path, options=kind_options(kind)):
         assert report == {"unchanged": True, "skips": [1], "moved_after": True}
 
 
