@@ -448,8 +448,8 @@ def _per_shard_checkpoints(rank, world_size, root):
 
 
 def _bad_inputs(rank, world_size):
-    """A full state dict of the Net's 8-bit state loaded into optimizers it does not fit: the
-    error, and whether anything changed."""
+    """A full state dict of the Net's 8-bit (or 4-bit) state loaded into optimizers it does not
+    fit: the error, and whether anything changed."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -457,17 +457,24 @@ def _bad_inputs(rank, world_size):
     )
 
     full_options = StateDictOptions(full_state_dict=True)
-    model, _ = make_fsdp_model()
-    optimizer = Lion(model.parameters(), **OPTIONS)
-    train(model, optimizer, rank, range(2))
-    saved = get_optimizer_state_dict(model, optimizer, options=full_options)
-    truncated = {"param_groups": saved["param_groups"], "state": dict(saved["state"])}
-    entry = truncated["state"]["mid.weight"] = dict(saved["state"]["mid.weight"])
-    entry[mom.MOMENTUM_ABSMAX] = entry[mom.MOMENTUM_ABSMAX][:-1]
+
+    def saved_and_truncated(options, key):
+        model, _ = make_fsdp_model()
+        optimizer = Lion(model.parameters(), **{**OPTIONS, **options})
+        train(model, optimizer, rank, range(2))
+        saved = get_optimizer_state_dict(model, optimizer, options=full_options)
+        truncated = {"param_groups": saved["param_groups"], "state": dict(saved["state"])}
+        entry = truncated["state"]["mid.weight"] = dict(saved["state"]["mid.weight"])
+        entry[key] = entry[key][:-1]
+        return saved, truncated
+
+    saved, truncated = saved_and_truncated({}, mom.MOMENTUM_ABSMAX)
+    _, truncated_codes = saved_and_truncated(FOUR_BIT, mom.MOMENTUM_CODES)
     cases = {
         "block size": (dict(block_size=64), saved),
         "min_8bit_size": (dict(min_8bit_size=128), saved),
         "truncated absmax": ({}, truncated),
+        "truncated 4-bit codes": (FOUR_BIT, truncated_codes),
     }
     reports = {}
     for name, (options, state) in cases.items():
@@ -563,13 +570,17 @@ def test_per_shard_checkpoints_whose_shards_cut_blocks_are_refused_loading_nothi
         assert report["Net differences"] == [], report
 
 
-@pytest.mark.parametrize("case", ["block size", "min_8bit_size", "truncated absmax"])
+BAD_INPUTS = {
+    "block size": "block_size=256, this optimizer has block_size=64",
+    "min_8bit_size": "min_8bit_size=64, this optimizer has min_8bit_size=128",
+    "truncated absmax": "(81, 64): momentum_absmax has shape (20,), expected (21,)",
+    "truncated 4-bit codes": "(81, 64): momentum_codes has shape (2591,), expected (2592,)",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_problem_and_load_nothing(two, case):
-    expected = {
-        "block size": "block_size=256, this optimizer has block_size=64",
-        "min_8bit_size": "min_8bit_size=64, this optimizer has min_8bit_size=128",
-        "truncated absmax": "(81, 64): momentum_absmax has shape (20,), expected (21,)",
-    }[case]
+    expected = BAD_INPUTS[case]
     for rank_report in two:
         report = rank_report["bad inputs"][case]
         assert report["error"].startswith("ValueError") and expected in report["error"], report
