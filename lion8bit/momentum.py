@@ -92,16 +92,21 @@ def new_momentum(
         )
         return {MOMENTUM_CODES: codes.fill_(quant.ZERO_CODE), MOMENTUM_ABSMAX: absmax.zero_()}
     if fmt == "4bit":
-        numel = like.numel()
-        codes = empty((quant.packed_size(numel),), dtype=torch.uint8, device=like.device)
-        absmax = empty((quant.num_blocks(numel, quant.BLOCK_SIZE_4BIT),), dtype=torch.bfloat16, device=like.device)
-        # zeros encode (to nearest) as code 7 in every nibble: quant.quantize_4bit of zeros
-        packed = codes.fill_(0x77)
-        if numel % 2:
-            packed[-1] = 0x07
-        return {MOMENTUM_CODES: packed, MOMENTUM_ABSMAX: absmax.zero_()}
+        return new_4bit(like.numel(), like.device, empty)
     momentum = empty(like.shape, dtype=_DENSE_DTYPE[fmt], device=like.device)
     return {MOMENTUM: momentum.zero_()}
+
+
+def new_4bit(numel: int, device, empty: Callable = torch.empty) -> dict[str, torch.Tensor]:
+    """Zero "4bit" buffers for ``numel`` elements (a sharded param's: those of the blocks that
+    overlap its shard, lion8bit/sharded.py)."""
+    codes = empty((quant.packed_size(numel),), dtype=torch.uint8, device=device)
+    absmax = empty((quant.num_blocks(numel, quant.BLOCK_SIZE_4BIT),), dtype=torch.bfloat16, device=device)
+    # zeros encode (to nearest) as code 7 in every nibble: quant.quantize_4bit of zeros
+    packed = codes.fill_(0x77)
+    if numel % 2:
+        packed[-1] = 0x07
+    return {MOMENTUM_CODES: packed, MOMENTUM_ABSMAX: absmax.zero_()}
 
 
 def decode_momentum(

@@ -439,8 +439,8 @@ class Lion(Optimizer):
 
     @torch._disable_dynamo
     def state_dict(self) -> dict:
-        """torch's state dict, with the 8-bit absmax of DTensor params as one DTensor of the
-        whole parameter's blocks (the layout that reshards, :mod:`lion8bit.reshard`). With such
+        """torch's state dict, with the 8-bit / 4-bit absmax (and 4-bit codes) of DTensor params
+        as DTensors of the whole parameter's (the layout that reshards, :mod:`lion8bit.reshard`). With such
         params it is a collective: call it on every rank, as get_optimizer_state_dict does.
         (State dict post hooks run inside torch's ``state_dict``, on the per-rank layout.)"""
         return reshard.checkpoint_state(super().state_dict(), self)

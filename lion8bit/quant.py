@@ -262,9 +262,22 @@ def quantize_4bit(
     """
     flat = values.reshape(-1).float()
     absmax = round_up_to_bf16(blockwise_absmax(flat, BLOCK_SIZE_4BIT))
-    normalized = _normalize(flat, absmax, BLOCK_SIZE_4BIT)
+    return pack_nibbles(codes_4bit_with_absmax(flat, absmax, bits)), absmax
+
+
+def codes_4bit_with_absmax(
+    values: torch.Tensor, absmax: torch.Tensor, bits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Unpacked uint8 codes (flat) of fp32 values in blocks of 32 whose bf16 absmax are given,
+    stochastically with uint32 ``bits`` (one per element), to nearest without.
+
+    Elementwise once the absmax is known: a piece of a block coded with the whole block's
+    absmax (and the bits of its own elements) gets the codes the whole block would (how a block
+    cut by a shard boundary is requantized, lion8bit/shard_blocks.py).
+    """
+    normalized = _normalize(values, absmax, BLOCK_SIZE_4BIT)
     uniform = 0.5 if bits is None else uniform_from_bits(bits.reshape(-1))
-    return pack_nibbles(codes_4bit(normalized, uniform)), absmax
+    return codes_4bit(normalized, uniform)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, numel: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""8-bit state of DTensor params in checkpoints: one absmax tensor of the whole parameter's blocks.
+"""8-bit and 4-bit state of DTensor params in checkpoints: one absmax tensor of the whole
+parameter's blocks (and one of its packed 4-bit codes).
 
 While training, a rank holds the absmax of the blocks that overlap its shard
 (:func:`lion8bit.sharded.runtime_blocks`; a block cut by a shard boundary is on both ranks). A
@@ -21,6 +22,12 @@ full state dict, bitsandbytes' or lion-pytorch's), of which each rank takes its 
 per-shard absmax of lion8bit before global blocks, shape (shards, blocks per shard), converted
 exactly when its blocks are the whole parameter's (every shard boundary on a block boundary) and
 refused otherwise (re-blocking would requantize the momentum).
+
+4-bit state (blocks of 32) goes the same way: its bf16 absmax as above, and its packed codes,
+which a rank holds for the whole blocks its shard overlaps (lion8bit/sharded.py), as one DTensor
+of the whole parameter's bytes, shape (ceil(numel / 2),), chunked like the absmax; each block's
+bytes are sent by the shard that owns the block (holds its first element). One all_to_all per
+dtype: fp32 absmax, bf16 absmax, uint8 codes (:class:`_Buffer` says which units each holds).
 """
 
 from __future__ import annotations
@@ -50,15 +57,40 @@ def _owned(shard: sharded.FlatRange, block_size: int) -> tuple[int, int]:
     return quant.num_blocks(shard.start, block_size), quant.num_blocks(shard.end, block_size)
 
 
-def _chunks(param, block_size: int) -> list[tuple[int, int]]:
-    """The blocks of each shard's chunk in the checkpoint layout."""
-    blocks = quant.num_blocks(param.numel(), block_size)
-    shards = len(sharded.shard_ranges(param))
-    return [sharded.chunk_range(0, blocks, shards, index) for index in range(shards)]
+@dataclass(frozen=True)
+class _Buffer:
+    """A block-laid-out state tensor of a DTensor param (its absmax, or its 4-bit codes): which
+    of its elements ("units": blocks for absmax, packed bytes for 4-bit codes) each shard's
+    runtime tensor holds, owns and holds in the checkpoint layout."""
+
+    key: str
+    block_size: int  # elements per block
+    units_per_block: int  # 1 for absmax; 16 bytes for 4-bit codes (the last block may hold fewer)
+    total: int  # units of the whole parameter
+
+    def span(self, blocks: tuple[int, int]) -> tuple[int, int]:
+        """The units of blocks [first, stop)."""
+        return tuple(min(b * self.units_per_block, self.total) for b in blocks)
+
+    def runtime(self, param) -> list[tuple[int, int]]:
+        return [self.span(sharded.runtime_blocks(s, self.block_size)) for s in sharded.shard_ranges(param)]
+
+    def owned(self, param) -> list[tuple[int, int]]:
+        return [self.span(_owned(s, self.block_size)) for s in sharded.shard_ranges(param)]
+
+    def chunks(self, param) -> list[tuple[int, int]]:
+        shards = len(sharded.shard_ranges(param))
+        return [sharded.chunk_range(0, self.total, shards, index) for index in range(shards)]
 
 
-def _runtime(param, block_size: int) -> list[tuple[int, int]]:
-    return [sharded.runtime_blocks(shard, block_size) for shard in sharded.shard_ranges(param)]
+def _buffers(fmt: str, numel: int, block_size: int) -> list[_Buffer]:
+    """The state tensors of a DTensor param in the checkpoint layout of their blocks: the absmax
+    (8-bit and 4-bit) and the packed 4-bit codes (8-bit codes are placed like the param)."""
+    B = mom.absmax_block(fmt, block_size)
+    absmax = _Buffer(mom.MOMENTUM_ABSMAX, B, 1, quant.num_blocks(numel, B))
+    if fmt != "4bit":
+        return [absmax]
+    return [absmax, _Buffer(mom.MOMENTUM_CODES, B, B // 2, quant.packed_size(numel))]
 
 
 @dataclass
@@ -115,8 +147,9 @@ def _exchange(mesh, mesh_dim: int | None, transfers: list[_Transfer]) -> None:
             received += 0 if piece is None else piece[1] - piece[0]
         send_sizes.append(sent)
         receive_sizes.append(received)
-    send = torch.cat(parts).to(device) if parts else torch.empty(0, device=device)
-    receive = torch.empty(sum(receive_sizes), dtype=torch.float32, device=device)
+    dtype = transfers[0].target.dtype  # one dtype per exchange (_transfer_key)
+    send = torch.cat(parts).to(device) if parts else torch.empty(0, dtype=dtype, device=device)
+    receive = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
     dist.all_to_all_single(receive, send, receive_sizes, send_sizes, group=group)
     offset = 0
     for other in order:
@@ -129,13 +162,15 @@ def _exchange(mesh, mesh_dim: int | None, transfers: list[_Transfer]) -> None:
 
 
 def _exchange_all(transfers: dict[tuple, list[_Transfer]]) -> None:
-    for (mesh, mesh_dim), items in transfers.items():
+    for (mesh, mesh_dim, _), items in transfers.items():
         _exchange(mesh, mesh_dim, items)
 
 
-def _transfer_key(param) -> tuple:
+def _transfer_key(param, dtype: torch.dtype) -> tuple:
+    """Transfers exchanged together: those of one (mesh, mesh dim) and dtype (fp32 8-bit absmax,
+    bf16 4-bit absmax, uint8 4-bit codes: one all_to_all each)."""
     dims = sharded.sharded_mesh_dims(param)
-    return param.device_mesh, dims[0] if dims else None
+    return param.device_mesh, dims[0] if dims else None, dtype
 
 
 # -- saving --------------------------------------------------------------------------------------
@@ -143,7 +178,8 @@ def _transfer_key(param) -> tuple:
 
 def checkpoint_state(state_dict: dict, optimizer) -> dict:
     """``state_dict`` (torch's packing of ``optimizer``'s state) with the absmax of each 8-bit
-    DTensor param in the checkpoint layout. Entries are copied, the optimizer's never changed."""
+    or 4-bit DTensor param, and its 4-bit codes, in the checkpoint layout. Entries are copied,
+    the optimizer's never changed."""
     owners = {}
     for group, packed in zip(optimizer.param_groups, state_dict["param_groups"], strict=True):
         for saved_id, param in zip(packed["params"], group["params"], strict=True):
@@ -153,19 +189,17 @@ def checkpoint_state(state_dict: dict, optimizer) -> dict:
         param, group = owners[saved_id]
         if not sharded.is_sharded(param) or mom.MOMENTUM_ABSMAX not in entry:
             continue
-        block_size = group["block_size"]
-        shard = sharded.flat_range(param)
-        runtime_first = sharded.runtime_blocks(shard, block_size)[0]
-        owned = _owned(shard, block_size)
-        source = entry[mom.MOMENTUM_ABSMAX][owned[0] - runtime_first : owned[1] - runtime_first]
-        chunks = _chunks(param, block_size)
-        mine = chunks[sharded.shard_index(param)]
-        target = torch.empty(mine[1] - mine[0], dtype=torch.float32, device=source.device)
-        sources = [_owned(s, block_size) for s in sharded.shard_ranges(param)]
-        transfers.setdefault(_transfer_key(param), []).append(_Transfer(sources, source, chunks, target))
-        blocks = quant.num_blocks(param.numel(), block_size)
-        absmax = sharded.dtensor(target, param.device_mesh, checkpoint_placements(param), (blocks,))
-        state_dict["state"][saved_id] = {**entry, mom.MOMENTUM_ABSMAX: absmax}
+        entry = state_dict["state"][saved_id] = dict(entry)
+        me = sharded.shard_index(param)
+        for buffer in _buffers(mom.stored_format(entry), param.numel(), group["block_size"]):
+            runtime, owned, chunks = buffer.runtime(param)[me], buffer.owned(param), buffer.chunks(param)
+            source = entry[buffer.key][owned[me][0] - runtime[0] : owned[me][1] - runtime[0]]
+            target = source.new_empty(chunks[me][1] - chunks[me][0])
+            transfers.setdefault(_transfer_key(param, source.dtype), []).append(
+                _Transfer(owned, source, chunks, target)
+            )
+            placements = checkpoint_placements(param)
+            entry[buffer.key] = sharded.dtensor(target, param.device_mesh, placements, (buffer.total,))
     _exchange_all(transfers)
     return state_dict
 
@@ -207,9 +241,10 @@ class Loader:
             entry[mom.MOMENTUM_ABSMAX] = _legacy_absmax(absmax, param, block_size, where)
         mom.check_momentum(entry, param, fmt, block_size, where)  # global shapes and dtypes
         device = sharded.local(param).device
+        blocked = {buffer.key: buffer for buffer in _buffers(fmt, param.numel(), block_size)}
         copies = {}
         for key in _DENSE_KEYS:
-            if key not in entry:
+            if key not in entry or key in blocked:
                 continue
             value = entry[key]
             if sharded.is_sharded(value) and tuple(value.placements) != tuple(param.placements):
@@ -220,26 +255,29 @@ class Loader:
             part = sharded.local(value) if sharded.is_sharded(value) else value[_box(param)]
             copy = empty(part.shape, dtype=part.dtype, device=device).copy_(part)
             copies[key] = sharded.like_param(copy, param)
-        if absmax is not None and fmt == "8bit":
-            copies[mom.MOMENTUM_ABSMAX] = self._absmax(entry[mom.MOMENTUM_ABSMAX], param, block_size, empty)
+        if fmt in mom.QUANTIZED:
+            for key, buffer in blocked.items():
+                if key in entry:
+                    copies[key] = self._blocks(entry[key], param, buffer, empty)
         return copies
 
-    def _absmax(self, absmax: torch.Tensor, param, block_size: int, empty: Callable) -> torch.Tensor:
-        first, stop = sharded.runtime_blocks(sharded.flat_range(param), block_size)
-        target = empty((stop - first,), dtype=torch.float32, device=sharded.local(param).device)
-        if not sharded.is_sharded(absmax):  # the whole parameter's: take this shard's blocks
-            return target.copy_(absmax[first:stop])
+    def _blocks(self, value: torch.Tensor, param, buffer: _Buffer, empty: Callable) -> torch.Tensor:
+        """This shard's runtime part of a block-laid-out tensor (the whole parameter's, or a
+        DTensor in any placement); from other ranks at :meth:`finish`."""
+        runtime = buffer.runtime(param)
+        low, high = runtime[sharded.shard_index(param)]
+        target = empty((high - low,), dtype=value.dtype, device=sharded.local(param).device)
+        if not sharded.is_sharded(value):  # the whole parameter's: take this shard's part
+            return target.copy_(value[low:high])
         placements = checkpoint_placements(param)
-        if tuple(absmax.placements) != placements:
-            absmax = absmax.redistribute(param.device_mesh, placements)
-        transfer = _Transfer(
-            _chunks(param, block_size), sharded.local(absmax), _runtime(param, block_size), target
-        )
-        self._transfers.setdefault(_transfer_key(param), []).append(transfer)
+        if tuple(value.placements) != placements:
+            value = value.redistribute(param.device_mesh, placements)
+        transfer = _Transfer(buffer.chunks(param), sharded.local(value), runtime, target)
+        self._transfers.setdefault(_transfer_key(param, value.dtype), []).append(transfer)
         return target
 
     def finish(self) -> None:
-        """Move the absmax that other ranks hold (a collective)."""
+        """Move the absmax (and 4-bit codes) that other ranks hold (a collective)."""
         _exchange_all(self._transfers)
         self._transfers = {}
 

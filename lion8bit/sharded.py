@@ -12,13 +12,18 @@ module decides:
   bits drawn per shard (the seed mixed with the shard's index, :func:`shard_seed`).
 - 8-bit momentum is quantized in blocks of the WHOLE parameter (block k = flat elements
   [k*B, (k+1)*B)), the blocks an unsharded optimizer uses. That needs the shard to be one flat
-  range on one sharded mesh dim (FSDP2, HSDP); other layouts are refused for 8-bit state
+  range on one sharded mesh dim (FSDP2, HSDP); other layouts are refused for 8-bit and 4-bit state
   (:func:`check_param`). A block cut by a shard boundary is held by each rank that has a piece
   of it, with the same absmax on each (lion8bit/shard_blocks.py keeps it so every step).
-- State is allocated for the local shard only: ``momentum`` / ``momentum_codes`` are DTensors
-  placed like the param; ``momentum_absmax`` is, while training, a plain local tensor of the
-  blocks that overlap the shard (:func:`runtime_blocks`). ``state_dict()`` turns it into one
-  DTensor of the whole parameter's blocks (lion8bit/reshard.py), which reshards.
+- State is allocated for the local shard only: ``momentum`` / 8-bit ``momentum_codes`` are
+  DTensors placed like the param; ``momentum_absmax`` is, while training, a plain local tensor
+  of the blocks that overlap the shard (:func:`runtime_blocks`). ``state_dict()`` turns it into
+  one DTensor of the whole parameter's blocks (lion8bit/reshard.py), which reshards.
+- 4-bit momentum (blocks of 32, two codes per byte) is held like the absmax: its local codes
+  are plain packed bytes of all the elements of the blocks that overlap the shard
+  (:func:`covered`: [32*first, min(32*stop, numel)), so they start on a block and a byte
+  boundary whatever the shard's offset, odd ones included). A cut block's codes and absmax are
+  the whole block's, the same on every rank holding a piece of it (lion8bit/shard_blocks.py).
 - The cautious mean is over the whole parameter: the per-shard counts are summed with one
   all-reduce per (mesh, sharded mesh dims) in a bucket (:func:`count_reducer`).
 
@@ -60,7 +65,7 @@ def local(tensor):
 
 def check_param(param: torch.Tensor, label: str, fmt: str) -> None:
     """ValueError unless every placement of a DTensor param is Shard or Replicate, and, for 8-bit
-    momentum (``fmt``), its shards are ranges of the flat parameter on one mesh dim."""
+    or 4-bit momentum (``fmt``), its shards are ranges of the flat parameter on one mesh dim."""
     if not is_sharded(param):
         return
     unsupported = [p for p in param.placements if not _is_shard(p) and not p.is_replicate()]
@@ -69,9 +74,9 @@ def check_param(param: torch.Tensor, label: str, fmt: str) -> None:
             f"Invalid placements of {label}: {param.placements} "
             "(Lion supports DTensor params placed with Shard and Replicate)"
         )
-    if fmt == "8bit" and not blocks_fit(param):
+    if fmt in mom.QUANTIZED and not blocks_fit(param):
         raise ValueError(
-            f"Invalid placements of {label} for 8-bit state: {param.placements}. 8-bit momentum is "
+            f"Invalid placements of {label} for {fmt[0]}-bit state: {param.placements}. {fmt[0]}-bit momentum is "
             "quantized in blocks of the whole parameter's flat elements, so each rank's shard must "
             "be one range of them, sharded over one mesh dim (Shard(0) as fully_shard places "
             'params, with Replicate on the other mesh dims); use state="bf16" or "fp32" for this '
@@ -158,7 +163,7 @@ def flat_range(param) -> FlatRange | None:
 
 
 def blocks_fit(param) -> bool:
-    """Whether 8-bit momentum of this DTensor param can use the whole parameter's blocks."""
+    """Whether 8-bit or 4-bit momentum of this DTensor param can use the whole parameter's blocks."""
     return len(sharded_mesh_dims(param)) <= 1 and (
         not sharded_mesh_dims(param) or _sharded_dim(param) is not None
     )
@@ -183,6 +188,13 @@ def runtime_blocks(shard: FlatRange, block_size: int) -> tuple[int, int]:
     if shard.start == shard.end:
         return 0, 0
     return shard.start // block_size, quant.num_blocks(shard.end, block_size)
+
+
+def covered(shard: FlatRange, block_size: int) -> tuple[int, int]:
+    """The flat elements [low, high) of the blocks that overlap a shard: what the local 4-bit
+    codes of a sharded param hold (its shard and the rest of its cut blocks)."""
+    first, stop = runtime_blocks(shard, block_size)
+    return first * block_size, min(stop * block_size, shard.numel)
 
 
 def absmax_shape(param: torch.Tensor, block_size: int) -> tuple[int, ...]:
@@ -234,10 +246,14 @@ def new_momentum(
     param: torch.Tensor, fmt: str, block_size: int, empty: Callable = torch.empty
 ) -> dict[str, torch.Tensor]:
     """Zero momentum buffers for ``param``; for a DTensor, local-shard buffers: the dense ones as
-    DTensors placed like it, the absmax of the blocks overlapping the shard as a plain tensor."""
+    DTensors placed like it, the absmax of the blocks overlapping the shard as a plain tensor,
+    and 4-bit codes as plain packed bytes of those blocks' elements (:func:`covered`)."""
     if not is_sharded(param):
         return mom.new_momentum(param, fmt, block_size, empty)
     local_param = local(param)
+    if fmt == "4bit":
+        low, high = covered(flat_range(param), quant.BLOCK_SIZE_4BIT)
+        return mom.new_4bit(high - low, local_param.device, empty)
     buffers = mom.new_momentum(local_param, fmt, block_size, empty)
     if fmt == "8bit":
         absmax = empty(absmax_shape(param, block_size), dtype=torch.float32, device=local_param.device)

@@ -15,6 +15,7 @@ from lion8bit import Lion
 from lion8bit import momentum as mom
 
 from distributed_helpers import (
+    FOUR_BIT,
     LR,
     OPTIONS,
     STATE_KINDS,
@@ -39,9 +40,14 @@ pytestmark = [
 ]
 
 
+def kind_options(kind: str) -> dict:
+    return dict(FOUR_BIT) if kind == "4bit" else dict(state=kind)
+
+
+SHARDED_KINDS = STATE_KINDS + ["4bit"]
 FSDP_CONFIGS = [
-    dict(state=kind, cautious_factor=factor, cautious_weight_decay=factor < 1, stochastic_rounding=rounding)
-    for kind in STATE_KINDS
+    dict(kind_options(kind), cautious_factor=factor, cautious_weight_decay=factor < 1, stochastic_rounding=rounding)
+    for kind in SHARDED_KINDS
     for factor in (1.0, 0.3)
     for rounding in (False, True)
 ] + [
@@ -50,12 +56,18 @@ FSDP_CONFIGS = [
     dict(state="8bit", block_size=64, maximize=True),
     dict(state="8bit", model=Aligned),
     dict(state="8bit", model=Aligned, cautious_factor=0.3),
+    dict(FOUR_BIT, stochastic_rounding=True, cautious_factor=0.0, dtype=torch.bfloat16),
+    dict(FOUR_BIT, maximize=True, model=Aligned, cautious_factor=0.3),
+    # the group's state kind changed between steps: the sharded momentum is re-encoded
+    dict(FOUR_BIT, states=["8bit", "8bit", "4bit", "4bit", "8bit", "4bit"], cautious_factor=0.3),
 ]
+STEADY = [i for i, config in enumerate(FSDP_CONFIGS) if "states" not in config]
 
 
 def _cut_blocks(config) -> int:
-    """MAX all-reduces per step for the cut blocks: one if an 8-bit param's shards cut a block."""
-    return int(config["state"] == "8bit" and config.get("model", Net) is Net)
+    """All-reduces per step for the cut blocks, where a quantized param's shards cut a block
+    (Net's do on 2 ranks, Aligned's do not): the maxima (MAX), and for 4-bit the codes (SUM)."""
+    return {"8bit": 1, "4bit": 2}.get(config["state"], 0) * (config.get("model", Net) is Net)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,7 @@ def test_fsdp2_is_bit_identical_to_unsharded_training(fsdp_reports, index):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(FSDP_CONFIGS)), ids=[str(c) for c in FSDP_CONFIGS])
+@pytest.mark.parametrize("index", STEADY, ids=[str(FSDP_CONFIGS[i]) for i in STEADY])
 def test_fsdp2_all_reduces_per_step(fsdp_reports, index):
     """One for the cautious counts, one for the blocks that shard boundaries cut; none at all
     without caution when every boundary falls on a block boundary."""
@@ -83,10 +95,10 @@ def test_fsdp2_all_reduces_per_step(fsdp_reports, index):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", STATE_KINDS)
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
 def test_fsdp2_state_is_allocated_per_shard(fsdp_reports, kind):
     index = FSDP_CONFIGS.index(
-        dict(state=kind, cautious_factor=1.0, cautious_weight_decay=False, stochastic_rounding=False)
+        dict(kind_options(kind), cautious_factor=1.0, cautious_weight_decay=False, stochastic_rounding=False)
     )
     reports = [r[index] for r in fsdp_reports]
     total = reports[0]["state_bytes_unsharded"]
@@ -94,9 +106,11 @@ def test_fsdp2_state_is_allocated_per_shard(fsdp_reports, kind):
     # 81 rows split 41/40 and the 1-row param on rank 0 make rank 0 hold more: measured +2.2%.
     for report in reports:
         assert abs(report["state_bytes_local"] / (total / len(reports)) - 1) < 0.05, report
-    # The shards add up to the unsharded state, plus, per 8-bit param, one 4-byte absmax where
-    # the shard boundary cuts a block (both ranks hold it).
-    assert total <= sum(r["state_bytes_local"] for r in reports) <= total + 5 * 4
+    # The shards add up to the unsharded state, plus, per quantized param, what both ranks hold
+    # of the block the shard boundary cuts: its 4-byte absmax (8-bit), its 2-byte absmax and 16
+    # bytes of codes (4-bit: measured, mid.bias's block [32, 64) cut at 41).
+    shared = {"8bit": 5 * 4, "4bit": 2 + 16}.get(kind, 0)
+    assert total <= sum(r["state_bytes_local"] for r in reports) <= total + shared
 
 
 def _misuse(rank, world_size):
@@ -116,6 +130,7 @@ def _misuse(rank, world_size):
     message("partial param", lambda: Lion([partial]))
     columns = torch.nn.Parameter(DTensor.from_local(torch.ones(64, 64), mesh, [Shard(1)]))
     message("8-bit state of Shard(1)", lambda: Lion([columns], min_8bit_size=64))
+    message("4-bit state of Shard(1)", lambda: Lion([columns], **FOUR_BIT))
     message("bf16 state of Shard(1)", lambda: Lion([columns], state="bf16"))
 
     sharded_param = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Shard(0)]))
@@ -141,18 +156,19 @@ def test_dtensor_misuse_raises_clear_errors(tmp_path):
         assert "Invalid placements of param_groups[0]['params'][0]" in messages["partial param"]
         assert "for 8-bit state" in messages["8-bit state of Shard(1)"]
         assert 'use state="bf16" or "fp32"' in messages["8-bit state of Shard(1)"]
+        assert "for 4-bit state" in messages["4-bit state of Shard(1)"]
         assert "bf16 state of Shard(1)" not in messages  # elementwise state takes any Shard
         assert "momentum has shape (4,), the parameter (8,)" in messages["plain state of another shape"]
         assert "is a DTensor but the parameter is not" in messages["DTensor state into a plain param"]
         assert "is a plain tensor; expected a DTensor placed" in messages["plain grad"]
 
 
-def _fsdp_skip_nonfinite(rank, world_size):
+def _fsdp_skip_nonfinite(rank, world_size, options):
     """A NaN in rank 0's shard only: with skip_nonfinite every rank must skip that step."""
     from lion8bit.sharded import local
 
     model, _ = make_fsdp_model()
-    optimizer = Lion(model.parameters(), lr=1e-2, weight_decay=0.1, min_8bit_size=64, skip_nonfinite=True)
+    optimizer = Lion(model.parameters(), **{**OPTIONS, **options}, skip_nonfinite=True)
     train(model, optimizer, rank, range(2))
     before = [local(p).detach().clone() for p in model.parameters()]
     state_before = full_state(model, optimizer)
@@ -171,8 +187,9 @@ def _fsdp_skip_nonfinite(rank, world_size):
 
 
 @pytest.mark.slow
-def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_a_nan(tmp_path):
-    for report in spawn(_fsdp_skip_nonfinite, 2, tmp_path):
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_fsdp2_skip_nonfinite_skips_on_every_rank_when_one_shard_has_a_nan(tmp_path, kind):
+    for report in spawn(_fsdp_skip_nonfinite, 2, tmp_path, options=kind_options(kind)):
         assert report == {"unchanged": True, "skips": [1], "moved_after": True}
 
 
@@ -273,6 +290,8 @@ DCP_CASES = [
     ("bf16-sr", dict(state="bf16", stochastic_rounding=True), 3, False),
     ("fp32-flat", dict(state="fp32", cautious_factor=0.0), 3, True),
     ("8bit-sr-at-step-0", dict(state="8bit", stochastic_rounding=True), 0, True),
+    ("4bit", dict(FOUR_BIT, cautious_factor=0.3), 3, False),
+    ("4bit-at-step-0-flat", FOUR_BIT, 0, True),
 ]
 
 
@@ -287,7 +306,7 @@ def test_dcp_save_and_load_resume_the_uninterrupted_trajectory(tmp_path):
             assert any(mom.STEP in key for key in report["state_keys"]), report
 
 
-@pytest.mark.parametrize("kind", STATE_KINDS)
+@pytest.mark.parametrize("kind", SHARDED_KINDS)
 def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(kind):
     """What torch.distributed.checkpoint's _init_optim_state (torch 2.13) does to a fresh
     optimizer: zero grads, lr 0, step(). No param moves, the momentum stays zero, and the step is
@@ -295,7 +314,7 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
     torch.manual_seed(0)
     model, twin = Net(), Net()
     twin.load_state_dict(model.state_dict())
-    options = dict(OPTIONS, state=kind, stochastic_rounding=True, cautious_factor=0.3)
+    options = dict(OPTIONS, **kind_options(kind), stochastic_rounding=True, cautious_factor=0.3)
     optimizer, untouched = Lion(model.parameters(), **options), Lion(twin.parameters(), **options)
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
@@ -306,7 +325,7 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
         assert torch.equal(param, other)
         entry = optimizer.state[param]
         assert entry[mom.STEP] == 0
-        momentum = mom.decode_momentum(entry, mom.stored_format(entry), 256)
+        momentum = mom.decode_momentum(entry, mom.stored_format(entry), 256, shape=param.shape)
         assert torch.equal(momentum, torch.zeros(param.shape))
     for step in range(3):
         train_step(model, optimizer, inputs(model, step, 0))

@@ -19,6 +19,7 @@ from lion8bit import Lion
 from lion8bit import momentum as mom
 
 from distributed_helpers import (
+    FOUR_BIT,
     LR,
     OPTIONS,
     Aligned,
@@ -52,6 +53,9 @@ CASES = {
     "net-bf16": (
         Net, torch.float32, dict(OPTIONS, state="bf16", stochastic_rounding=True, cautious_factor=0.0)
     ),
+    # packed codes and bf16 absmax in blocks of 32, cut at odd offsets (mid.bias: 41 on 2 ranks,
+    # 27 on 3, 21 and 63 on 4), and always-stochastic momentum rounding with bf16 params to nearest
+    "net-4bit": (Net, torch.bfloat16, dict(OPTIONS, **FOUR_BIT, cautious_factor=0.3)),
 }
 SAVED_STEPS, CONTINUED_STEPS = 6, 3
 
@@ -100,9 +104,11 @@ def _full_state_dicts(model, optimizer) -> dict:
     }
 
 
-def _cut_blocks(model, block_size=256) -> int:
+def _cut_blocks(model, optimizer) -> int:
     from lion8bit.shard_blocks import cut_blocks
 
+    group = optimizer.param_groups[0]
+    block_size = mom.absmax_block(group["state"], group["block_size"])
     return sum(len(cut_blocks(p, block_size)) for p in model.parameters() if hasattr(p, "device_mesh"))
 
 
@@ -147,7 +153,7 @@ def _load(rank, world_size, root, source, save_as=None, mesh_shape=None, shard=T
         model, optimizer = build(case, seed=1, mesh=mesh, shard=shard)
         load_checkpoint(model, optimizer, os.path.join(root, source, case))
         report = reports[case] = {
-            "cut blocks": _cut_blocks(model),
+            "cut blocks": _cut_blocks(model, optimizer),
             "dcp": differences(full_state(model, optimizer), expected["saved"]),
         }
         if save_as:
@@ -168,8 +174,14 @@ TRAJECTORY_CONFIGS = [
     dict(state="8bit", block_size=64, cautious_weight_decay=True, cautious_factor=0.0),
     dict(state="bf16", cautious_factor=0.3, stochastic_rounding=True),
     dict(state="fp32", stochastic_rounding=True, dtype=torch.bfloat16),
+    # 4 ranks: mid.bias's block [32, 64) is cut in three (21 | 42 | 63), the middle shard inside it
+    dict(FOUR_BIT, cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+    dict(FOUR_BIT, cautious_weight_decay=True, cautious_factor=0.0, maximize=True),
 ]
-HSDP_CONFIGS = [dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16)]
+HSDP_CONFIGS = [
+    dict(state="8bit", cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+    dict(FOUR_BIT, cautious_factor=0.3, stochastic_rounding=True, dtype=torch.bfloat16),
+]
 
 
 class Eligibility(torch.nn.Module):
@@ -297,7 +309,7 @@ def test_loading_at_another_world_size_reads_back_the_saved_state(request, resha
 def test_shard_boundaries_cut_blocks_at_every_world_size(three, four, two):
     """The cases above are not the easy ones: the 8-bit params' shards cut blocks."""
     for reports in (three, four, two):
-        for case in ("user-mlp", "net-8bit"):
+        for case in ("user-mlp", "net-8bit", "net-4bit"):
             assert reports[0]["load"][case]["cut blocks"] > 0, case
 
 
@@ -314,8 +326,9 @@ def test_hsdp_is_bit_identical_and_reduces_over_the_shard_dim_only(four, index):
     config = HSDP_CONFIGS[index]
     for report in reports:
         assert report["differences"] == [], report
-        # caution's counts, and for 8-bit the cut blocks' maxima: each on the shard group of 2
-        assert report["all_reduces_per_step"] == 1 + (config["state"] == "8bit")
+        # caution's counts, the cut blocks' maxima, and for 4-bit their codes: each on the shard
+        # group of 2
+        assert report["all_reduces_per_step"] == 1 + {"8bit": 1, "4bit": 2}[config["state"]]
         assert report["all_reduce_group_sizes"] == [2]
     assert [r["shard"] for r in reports] == [0, 1, 0, 1]  # ranks 0, 2 and 1, 3: replicas
 
@@ -435,8 +448,8 @@ def _per_shard_checkpoints(rank, world_size, root):
 
 
 def _bad_inputs(rank, world_size):
-    """A full state dict of the Net's 8-bit state loaded into optimizers it does not fit: the
-    error, and whether anything changed."""
+    """A full state dict of the Net's 8-bit (or 4-bit) state loaded into optimizers it does not
+    fit: the error, and whether anything changed."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -444,17 +457,24 @@ def _bad_inputs(rank, world_size):
     )
 
     full_options = StateDictOptions(full_state_dict=True)
-    model, _ = make_fsdp_model()
-    optimizer = Lion(model.parameters(), **OPTIONS)
-    train(model, optimizer, rank, range(2))
-    saved = get_optimizer_state_dict(model, optimizer, options=full_options)
-    truncated = {"param_groups": saved["param_groups"], "state": dict(saved["state"])}
-    entry = truncated["state"]["mid.weight"] = dict(saved["state"]["mid.weight"])
-    entry[mom.MOMENTUM_ABSMAX] = entry[mom.MOMENTUM_ABSMAX][:-1]
+
+    def saved_and_truncated(options, key):
+        model, _ = make_fsdp_model()
+        optimizer = Lion(model.parameters(), **{**OPTIONS, **options})
+        train(model, optimizer, rank, range(2))
+        saved = get_optimizer_state_dict(model, optimizer, options=full_options)
+        truncated = {"param_groups": saved["param_groups"], "state": dict(saved["state"])}
+        entry = truncated["state"]["mid.weight"] = dict(saved["state"]["mid.weight"])
+        entry[key] = entry[key][:-1]
+        return saved, truncated
+
+    saved, truncated = saved_and_truncated({}, mom.MOMENTUM_ABSMAX)
+    _, truncated_codes = saved_and_truncated(FOUR_BIT, mom.MOMENTUM_CODES)
     cases = {
         "block size": (dict(block_size=64), saved),
         "min_8bit_size": (dict(min_8bit_size=128), saved),
         "truncated absmax": ({}, truncated),
+        "truncated 4-bit codes": (FOUR_BIT, truncated_codes),
     }
     reports = {}
     for name, (options, state) in cases.items():
@@ -467,9 +487,9 @@ def _bad_inputs(rank, world_size):
     return reports
 
 
-def _interop(rank, world_size):
+def _interop(rank, world_size, options):
     """To lion-pytorch from an FSDP2 optimizer, and bitsandbytes / lion-pytorch state dicts into
-    one, each against the same thing done unsharded."""
+    one, each against the same thing done unsharded (the optimizers' ``options``)."""
     import bitsandbytes as bnb
     import lion_pytorch
 
@@ -477,7 +497,7 @@ def _interop(rank, world_size):
 
     report = {}
     model, twin = make_fsdp_model()
-    optimizer, reference = Lion(model.parameters(), **OPTIONS), Lion(twin.parameters(), **OPTIONS)
+    optimizer, reference = Lion(model.parameters(), **options), Lion(twin.parameters(), **options)
     synthetic_steps(model, optimizer, range(2))
     synthetic_steps(twin, reference, range(2))
     exported, expected = to_lion_pytorch_state_dict(optimizer), to_lion_pytorch_state_dict(reference)
@@ -505,13 +525,13 @@ def _interop(rank, world_size):
     for name, source in sources.items():
         synthetic_steps(bnb_params if name == "bitsandbytes" else peer_params, source, range(2))
         model, twin = make_fsdp_model(seed=1)
-        optimizer, reference = Lion(model.parameters(), **OPTIONS), Lion(twin.parameters(), **OPTIONS)
+        optimizer, reference = Lion(model.parameters(), **options), Lion(twin.parameters(), **options)
         optimizer.load_state_dict(source.state_dict())
         reference.load_state_dict(source.state_dict())
         states = [{k: v for k, v in full_state(m, o).items() if k.startswith("state")} for m, o in
                   [(model, optimizer), (twin, reference)]]
         report[f"{name} differences"] = differences(*states)
-        report[f"{name} 8-bit"] = mom.MOMENTUM_CODES in optimizer.state[next(model.parameters())]
+        report[f"{name} quantized"] = mom.MOMENTUM_CODES in optimizer.state[next(model.parameters())]
     return report
 
 
@@ -524,7 +544,8 @@ def _two_ranks(rank, world_size, root):
         "load": _load(rank, world_size, root, source="3"),
         "per-shard checkpoints": _per_shard_checkpoints(rank, world_size, root),
         "bad inputs": _bad_inputs(rank, world_size),
-        "interop": _interop(rank, world_size),
+        "interop": _interop(rank, world_size, OPTIONS),
+        "interop 4bit": _interop(rank, world_size, {**OPTIONS, **FOUR_BIT}),
     }
 
 
@@ -549,23 +570,28 @@ def test_per_shard_checkpoints_whose_shards_cut_blocks_are_refused_loading_nothi
         assert report["Net differences"] == [], report
 
 
-@pytest.mark.parametrize("case", ["block size", "min_8bit_size", "truncated absmax"])
+BAD_INPUTS = {
+    "block size": "block_size=256, this optimizer has block_size=64",
+    "min_8bit_size": "min_8bit_size=64, this optimizer has min_8bit_size=128",
+    "truncated absmax": "(81, 64): momentum_absmax has shape (20,), expected (21,)",
+    "truncated 4-bit codes": "(81, 64): momentum_codes has shape (2591,), expected (2592,)",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_raise_naming_the_problem_and_load_nothing(two, case):
-    expected = {
-        "block size": "block_size=256, this optimizer has block_size=64",
-        "min_8bit_size": "min_8bit_size=64, this optimizer has min_8bit_size=128",
-        "truncated absmax": "(81, 64): momentum_absmax has shape (20,), expected (21,)",
-    }[case]
+    expected = BAD_INPUTS[case]
     for rank_report in two:
         report = rank_report["bad inputs"][case]
         assert report["error"].startswith("ValueError") and expected in report["error"], report
         assert report["changed"] == [], report
 
 
-def test_lion_pytorch_export_from_fsdp2_and_peer_checkpoints_into_fsdp2(two):
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_lion_pytorch_export_from_fsdp2_and_peer_checkpoints_into_fsdp2(two, kind):
     for rank_report in two:
-        report = rank_report["interop"]
+        report = rank_report["interop" if kind == "8bit" else "interop 4bit"]
         assert report["export is sharded like the params"], report
         assert report["export differences"] == [] and report["lion-pytorch step differences"] == [], report
         for peer in ("bitsandbytes", "lion-pytorch"):
-            assert report[f"{peer} differences"] == [] and report[f"{peer} 8-bit"], (peer, report)
+            assert report[f"{peer} differences"] == [] and report[f"{peer} quantized"], (peer, report)
