@@ -62,13 +62,14 @@ inline float uniform_4bit(uint32_t bits) { return static_cast<float>(bits >> 8) 
 inline int nibble(const uint8_t* codes, int64_t i) { return (codes[i >> 1] >> ((i & 1) * 4)) & 0xF; }
 
 #if defined(__AVX512F__)
-// Codes of 16 elements whose packed bytes start at `bytes` (8 bytes, an even element first):
-// byte j to lanes 2j and 2j+1, then the low nibble in even lanes, the high one in odd lanes.
-inline __m512i nibbles16(const uint8_t* bytes) {
+// Level values of 16 elements whose packed bytes start at `bytes` (8 bytes, an even element
+// first): byte j to lanes 2j and 2j+1, the high nibble shifted down in odd lanes. No mask: the
+// permute reads only an index's low 4 bits, which are then the lane's code.
+inline __m512 levels16(const uint8_t* bytes, __m512 levels) {
   const __m128i pairs = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   __m128i spread = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)), pairs);
   __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(spread), shifts), _mm512_set1_epi32(0xF));
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(spread), shifts), levels);
 }
 
 // 8 packed bytes of 16 codes (one per 32-bit lane, 0..15): lanes 2j and 2j+1 share a 64-bit
@@ -78,7 +79,10 @@ inline __m128i pack16(__m512i codes) {
 }
 
 // code_4bit on 16 lanes: #levels < x by a 4-step binary search on one register (the 16 levels),
-// so 4 compares and 3 permutes instead of 15 compares.
+// so 4 compares and 3 permutes instead of 15 compares. The end rules need no compare of their
+// own: x <= -1 (-inf too) gives hi = 1 and a fraction <= 0, so lo = 0 since u >= 0; x >= 1
+// (+inf too) gives hi = 15 and a fraction >= 1 (fp32 rounding is monotonic), so 15 since u < 1.
+// Only NaN (fraction NaN, u < NaN false: code 0) needs its own select.
 inline __m512i codes16(__m512 x, __m512 uniform, __m512 levels, __m512 gaps) {
   const __m512i one = _mm512_set1_epi32(1);
   __m512i n = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(LEVELS_4BIT[7]), _CMP_GT_OQ),
@@ -92,8 +96,6 @@ inline __m512i codes16(__m512 x, __m512 uniform, __m512 levels, __m512 gaps) {
   __m512i lo = _mm512_sub_epi32(hi, one);
   __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, _mm512_permutexvar_ps(lo, levels)), _mm512_permutexvar_ps(hi, gaps));
   __m512i code = _mm512_mask_mov_epi32(lo, _mm512_cmp_ps_mask(uniform, fraction, _CMP_LT_OQ), hi);
-  code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-1.0f), _CMP_LE_OQ), _mm512_setzero_si512());
-  code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, _mm512_set1_ps(1.0f), _CMP_GE_OQ), _mm512_set1_epi32(15));
   return _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(NAN_CODE_4BIT));
 }
 
@@ -111,6 +113,26 @@ inline __m512 uniform16(uint32_t index, __m512i element_key) {
   __m512i bits = mix32_16(_mm512_xor_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(index)), lanes), element_key));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)), _mm512_set1_ps(0x1p-24f));
 }
+
+// absmax_4bit and normalizer_4bit of a block from its lanes' max |m| bits, without leaving the
+// vector registers (a round trip through scalar code made the 4-bit step 18% slower: the
+// block's codes wait for it). Every lane gets the max; the rounded-up pattern has zero low
+// bits, so it is the stored bf16's value (a NaN for a NaN, and then scale 1 and inverse 0 as
+// with the stored 0xFFFF). Writes the stored bf16 to *stored.
+inline void normalizer16(__m512i peak, uint16_t* stored, __m512& scale, __m512& inverse) {
+  __m512i top = _mm512_max_epu32(peak, _mm512_shuffle_i32x4(peak, peak, _MM_SHUFFLE(1, 0, 3, 2)));
+  top = _mm512_max_epu32(top, _mm512_shuffle_i32x4(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
+  top = _mm512_max_epu32(top, _mm512_shuffle_epi32(top, _MM_PERM_BADC));
+  top = _mm512_max_epu32(top, _mm512_shuffle_epi32(top, _MM_PERM_CDAB));
+  const __m512i low_bits = _mm512_set1_epi32(0xFFFF);
+  __m512i up = _mm512_mask_add_epi32(top, _mm512_test_epi32_mask(top, low_bits), _mm512_or_si512(top, low_bits),
+                                     _mm512_set1_epi32(1));
+  *stored = absmax_4bit(static_cast<uint32_t>(_mm_cvtsi128_si32(_mm512_castsi512_si128(top))));
+  const __m512 a = _mm512_castsi512_ps(up), one = _mm512_set1_ps(1.0f);
+  scale = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(SUBNORMAL_ABSMAX), _CMP_LT_OQ), one,
+                               _mm512_set1_ps(SUBNORMAL_SCALE));
+  inverse = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), one, _mm512_mul_ps(a, scale));
+}
 #endif
 
 // A stage of fp32 momentum values from the codes and absmax of elements [start, start + n)
@@ -122,7 +144,7 @@ inline void decode_4bit(float* __restrict out, const uint8_t* __restrict codes, 
   const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT);
   for (; i + 16 <= n; i += 16) {
     __m512 scale = _mm512_set1_ps(bf16_value(absmax[(start + i) / BLOCK_4BIT]));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(nibbles16(codes + (start + i) / 2), levels), scale));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(levels16(codes + (start + i) / 2, levels), scale));
   }
 #endif
   for (; i < n; ++i) out[i] = LEVELS_4BIT[nibble(codes, start + i)] * bf16_value(absmax[(start + i) / BLOCK_4BIT]);
@@ -175,17 +197,40 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
   const __m512i sign_bit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)),
                 unit = _mm512_set1_epi32(0x3F800000), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Element keys of the indices' upper 32 bits, made again only where they change (a block, 32
+  // aligned in the whole parameter, never straddles a multiple of 2**32).
+  int64_t high = -1;
+  __m512i param_element_key = lanes, momentum_element_key = lanes;
+  // A block whose new momentum waits to be encoded.
+  struct Held {
+    __m512 m[2], scale, inverse;
+    __m512i element_key;
+    int64_t index;
+  } held;
+  auto encode = [&](const Held& h) {
+    __m128i packed[2];
+    for (int v = 0; v < 2; ++v) {
+      __m512 x = _mm512_mul_ps(_mm512_mul_ps(h.m[v], h.scale), h.inverse);
+      __m512 uniform = nearest_momentum ? half : uniform16(static_cast<uint32_t>(h.index + 16 * v), h.element_key);
+      packed[v] = pack16(codes16(x, uniform, levels, gaps));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (h.index - offset) / 2), _mm_unpacklo_epi64(packed[0], packed[1]));
+  };
   for (int64_t b = start; b < end; b += BLOCK_4BIT) {
     const __m512 scale = _mm512_set1_ps(bf16_value(absmax[b / BLOCK_4BIT]));
     const int64_t index = offset + b;
-    const uint32_t high = static_cast<uint32_t>(index >> 32);
-    const __m512i param_element_key = _mm512_set1_epi32(static_cast<int32_t>(mix32(static_cast<uint32_t>(param_key) ^ high)));
+    if ((index >> 32) != high) {
+      high = index >> 32;
+      const uint32_t upper = static_cast<uint32_t>(high);
+      param_element_key = _mm512_set1_epi32(static_cast<int32_t>(mix32(static_cast<uint32_t>(param_key) ^ upper)));
+      momentum_element_key = _mm512_set1_epi32(static_cast<int32_t>(mix32(static_cast<uint32_t>(momentum_key) ^ upper)));
+    }
     __m512 m_new[2];
     for (int v = 0; v < 2; ++v) {
       const int64_t i = b + 16 * v;
       __m512 g = load16(grad, grad_dtype, i);
       if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
-      __m512 m = _mm512_mul_ps(_mm512_permutexvar_ps(nibbles16(codes + i / 2), levels), scale);
+      __m512 m = _mm512_mul_ps(levels16(codes + i / 2, levels), scale);
       __m512 p = load16(param, param_dtype, i);
       __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
       __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
@@ -211,20 +256,14 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
     }
     __m512i peak = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(m_new[0]), magnitude_mask),
                                     _mm512_and_si512(_mm512_castps_si512(m_new[1]), magnitude_mask));
-    const uint16_t stored = absmax_4bit(static_cast<uint32_t>(_mm512_reduce_max_epu32(peak)));
-    absmax[b / BLOCK_4BIT] = stored;
-    float block_scale, block_inverse;
-    normalizer_4bit(stored, block_scale, block_inverse);
-    const __m512 normal_scale = _mm512_set1_ps(block_scale), inverse = _mm512_set1_ps(block_inverse);
-    const __m512i momentum_element_key = _mm512_set1_epi32(static_cast<int32_t>(mix32(static_cast<uint32_t>(momentum_key) ^ high)));
-    __m128i packed[2];
-    for (int v = 0; v < 2; ++v) {
-      __m512 x = _mm512_mul_ps(_mm512_mul_ps(m_new[v], normal_scale), inverse);
-      __m512 uniform = nearest_momentum ? half : uniform16(static_cast<uint32_t>(index + 16 * v), momentum_element_key);
-      packed[v] = pack16(codes16(x, uniform, levels, gaps));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b / 2), _mm_unpacklo_epi64(packed[0], packed[1]));
+    __m512 scale_new, inverse_new;
+    normalizer16(peak, absmax + b / BLOCK_4BIT, scale_new, inverse_new);
+    // Software pipelining: the previous block's codes are made here, while this block's absmax
+    // is still being reduced and inverted (each block's codes wait ~50 cycles for them).
+    if (b > start) encode(held);
+    held = Held{{m_new[0], m_new[1]}, scale_new, inverse_new, momentum_element_key, index};
   }
+  if (end > start) encode(held);
 }
 #endif
 
