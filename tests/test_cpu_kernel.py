@@ -18,7 +18,18 @@ from lion8bit.functional import lion
 from lion8bit.kernels import cpu_build, cpu_lion
 from lion8bit.reference import lion_scalars
 
-from helpers import LR, OPTIONS, PAIRINGS, TAILS, batch, group_of, option_id, step_and_compare, written_rounding_key
+from helpers import (
+    LR,
+    OPTIONS,
+    PAIRINGS,
+    TAILS,
+    batch,
+    copies,
+    group_of,
+    option_id,
+    step_and_compare,
+    written_rounding_key,
+)
 from test_quant import _boundary_values, brute_force_codes
 
 BUILDS = {"native": (), "portable": ("-mno-avx512f",)}
@@ -198,6 +209,21 @@ def test_4bit_threads_meet_at_whole_blocks(kernel):
     generator = torch.Generator().manual_seed(8)
     tensors = batch([2 * cpu_chunk() + 33], generator, pairings=PAIRINGS[:2], formats=["4bit"])
     step_and_compare("cpu", *tensors, group_of(0.3, 0.5, True, False, False, True))
+
+
+def test_4bit_offsets_key_the_whole_parameters_indices(kernel):
+    """Offsets that are multiples of 32, one with a multiple of 2**32 inside the tensor (new
+    element keys mid-tensor, at a block boundary), and an empty tensor among them."""
+    generator = torch.Generator().manual_seed(9)
+    tensors = batch([0, 33, 4097], generator, pairings=PAIRINGS[:2], formats=["4bit"])
+    offsets = [2**32 - 96 if index % 2 else 32 * (index + 1) for index in range(len(tensors[0]))]
+    params, grads, entries, formats = tensors
+    group = group_of(0.0, 1.0, False, False, False, True)
+    shifted = step_and_compare("cpu", *copies(params, entries)[:1], grads, copies(params, entries)[1], formats,
+                               group, element_offsets=offsets)
+    unshifted = step_and_compare("cpu", *copies(params, entries)[:1], grads, copies(params, entries)[1], formats, group)
+    codes = [entry[mom.MOMENTUM_CODES] for entry in shifted[1]], [entry[mom.MOMENTUM_CODES] for entry in unshifted[1]]
+    assert not any(torch.equal(a, b) for a, b in zip(*codes, strict=True) if a.numel() > 8)
 
 
 def cpu_chunk() -> int:
