@@ -18,7 +18,18 @@ from lion8bit.functional import lion
 from lion8bit.kernels import cpu_build, cpu_lion
 from lion8bit.reference import lion_scalars
 
-from helpers import LR, OPTIONS, TAILS, batch, group_of, option_id, step_and_compare
+from helpers import (
+    LR,
+    OPTIONS,
+    PAIRINGS,
+    TAILS,
+    batch,
+    copies,
+    group_of,
+    option_id,
+    step_and_compare,
+    written_rounding_key,
+)
 from test_quant import _boundary_values, brute_force_codes
 
 BUILDS = {"native": (), "portable": ("-mno-avx512f",)}
@@ -83,6 +94,141 @@ def test_requantizer_search_levels_hold_every_threshold_once():
     below = used.sort().values
     assert torch.all(below.double() <= thresholds)
     assert torch.all(torch.nextafter(below, torch.tensor(2.0)).double() > thresholds)
+
+
+# -- the 4-bit format (cpu_lion_nibbles.h) -------------------------------------------------------
+
+LEVELS = quant.levels_4bit()
+
+
+def _nudged(values: torch.Tensor) -> torch.Tensor:
+    """The values and their fp32 neighbours on both sides."""
+    return torch.cat([values, torch.nextafter(values, values + 1), torch.nextafter(values, values - 1)])
+
+
+def _fraction_ties(uniform: torch.Tensor, generator) -> tuple[torch.Tensor, int]:
+    """Per element a value x between two random neighbouring levels lo < hi whose fraction
+    (x - lo) / (hi - lo) (fp32, as quant.codes_4bit computes it) equals that element's u, where
+    some fp32 x near lo + u * (hi - lo) does: the tie, where u < fraction is false. Returns
+    (values, how many are ties)."""
+    lo = torch.randint(0, 15, uniform.shape, generator=generator)
+    low, gap = LEVELS[lo], LEVELS[lo + 1] - LEVELS[lo]
+    guess = low + uniform * gap
+    values, tied = guess.clone(), torch.zeros(uniform.shape, dtype=torch.bool)
+    for step in range(-4, 5):
+        x = guess.clone()
+        for _ in range(abs(step)):
+            x = torch.nextafter(x, torch.full_like(x, float(step)))
+        hit = ((x - low) / gap == uniform) & (x > low) & ~tied
+        values[hit] = x[hit]
+        tied |= hit
+    return values, int(tied.sum())
+
+
+def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, tie_seed=None):
+    """One 4-bit step whose new momentum is exactly the chosen values: beta2 = 0 makes it the
+    gradient; each block of 31 values gets a 1.0 first (absmax 1: normalized = value), and the
+    raw blocks follow as they are. ``tie_seed``: replace the values by fraction ties of their
+    elements' u (which need the element indices, hence here)."""
+    per_block = quant.BLOCK_SIZE_4BIT - 1
+    values = torch.cat([values, torch.zeros(-values.numel() % per_block)]).view(-1, per_block)
+    head = torch.ones(values.shape[0], 1)
+    grad = torch.cat([torch.cat([head, values], dim=1).reshape(-1), raw_blocks.reshape(-1)])
+    entry = {mom.STEP: 5, mom.SR_SEED: 1234, **mom.new_momentum(grad, "4bit", quant.BLOCK_SIZE)}
+    tied = 0
+    if tie_seed is not None:
+        key = written_rounding_key(1234, 5, quant.STREAM_MOMENTUM)
+        uniform = quant.uniform_from_bits(quant.random_bits(key, grad.numel(), "cpu"))
+        chosen = torch.arange(grad.numel()) % quant.BLOCK_SIZE_4BIT != 0
+        chosen[values.numel() + values.shape[0] :] = False
+        grad[chosen], tied = _fraction_ties(uniform[chosen], torch.Generator().manual_seed(tie_seed))
+    group = dict(lr=LR, betas=(0.9, 0.0), weight_decay=0.0, stochastic_rounding=sr)
+    ours = step_and_compare("cpu", [torch.zeros_like(grad)], [grad], [entry], ["4bit"], group)
+    absmax = ours[1][0][mom.MOMENTUM_ABSMAX]
+    assert torch.all(absmax[: values.shape[0]] == 1.0), "the chosen values were normalized by 1"
+    return tied
+
+
+def test_4bit_codes_at_levels_midpoints_and_their_neighbours(kernel):
+    midpoints = (LEVELS[:-1] + LEVELS[1:]) / 2
+    thirds = LEVELS[:-1] + (LEVELS[1:] - LEVELS[:-1]) / 3
+    values = _nudged(torch.cat([LEVELS, midpoints, thirds, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40])]))
+    values = torch.cat([values, torch.rand(3000, generator=torch.Generator().manual_seed(2)) * 2 - 1])
+    _step_blocks(values.clamp(-1, 1), torch.empty(0), sr=True)
+
+
+def test_4bit_fraction_ties_round_down(kernel):
+    """u == fraction exactly: u < fraction is false, so the lower level (the fp32 division must be
+    a true, correctly rounded one for these to agree)."""
+    tied = _step_blocks(torch.zeros(31 * 200), torch.empty(0), sr=True, tie_seed=3)
+    assert tied > 1000, "most chosen values are ties"
+
+
+def _special_blocks() -> torch.Tensor:
+    """Blocks of 32 that stress the absmax: all zeros (either sign), subnormal maxima (one that
+    rounds up to the smallest normal, 2**-126, so is not rescaled), the smallest subnormal, a
+    maximum that rounds up to inf (2**128), inf and NaN, and one just above 1."""
+    generator = torch.Generator().manual_seed(4)
+
+    def block(peak: float) -> torch.Tensor:
+        values = (torch.rand(32, generator=generator) * 2 - 1) * peak
+        values[5] = peak
+        return values
+
+    largest_subnormal = torch.tensor(0x007FFFFF, dtype=torch.int32).view(torch.float32).item()
+    blocks = [torch.zeros(32), -torch.zeros(32), block(3e-39), block(largest_subnormal), block(1.4e-45),
+              block(torch.finfo(torch.float32).tiny), block(torch.finfo(torch.float32).max),
+              block(1.0000001), block(1e-20)]
+    with_inf, with_nan = block(0.5), block(0.5)
+    with_inf[9], with_nan[9] = float("inf"), float("nan")
+    return torch.cat([*blocks, with_inf, with_nan])
+
+
+@pytest.mark.parametrize("sr", [False, True])
+def test_4bit_blocks_of_zeros_subnormals_and_non_finite_values(kernel, sr):
+    _step_blocks(torch.rand(62), _special_blocks(), sr=sr)
+
+
+def test_4bit_nan_takes_the_code_torch_searchsorted_gives_it():
+    """cpu_lion_nibbles.h NAN_CODE_4BIT: NaN sorts after every level, so hi = 15, lo = 14."""
+    assert quant.codes_4bit(torch.tensor([float("nan"), -float("nan")]), 0.0).tolist() == [14, 14]
+
+
+@pytest.mark.parametrize("options", OPTIONS[::5], ids=option_id)
+def test_4bit_odd_sizes_every_pairing(kernel, options):
+    """1, 31, 33 and 4097 elements: partial blocks, a last byte with one code, the stages behind
+    whole vectors."""
+    generator = torch.Generator().manual_seed(hash(options) % 2**31)
+    step_and_compare("cpu", *batch([1, 31, 33, 4097], generator, formats=["4bit"]), group_of(*options))
+
+
+def test_4bit_threads_meet_at_whole_blocks(kernel):
+    """Two threads on a tensor of two chunks and a partial block: chunks are whole blocks, so
+    no byte of codes is written by both (the result equals the oracle's)."""
+    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(8)
+    tensors = batch([2 * cpu_chunk() + 33], generator, pairings=PAIRINGS[:2], formats=["4bit"])
+    step_and_compare("cpu", *tensors, group_of(0.3, 0.5, True, False, False, True))
+
+
+def test_4bit_offsets_key_the_whole_parameters_indices(kernel):
+    """Offsets that are multiples of 32, one with a multiple of 2**32 inside the tensor (new
+    element keys mid-tensor, at a block boundary), and an empty tensor among them."""
+    generator = torch.Generator().manual_seed(9)
+    tensors = batch([0, 33, 4097], generator, pairings=PAIRINGS[:2], formats=["4bit"])
+    offsets = [2**32 - 96 if index % 2 else 32 * (index + 1) for index in range(len(tensors[0]))]
+    params, grads, entries, formats = tensors
+    group = group_of(0.0, 1.0, False, False, False, True)
+    shifted = step_and_compare("cpu", *copies(params, entries)[:1], grads, copies(params, entries)[1], formats,
+                               group, element_offsets=offsets)
+    unshifted = step_and_compare("cpu", *copies(params, entries)[:1], grads, copies(params, entries)[1], formats, group)
+    codes = [entry[mom.MOMENTUM_CODES] for entry in shifted[1]], [entry[mom.MOMENTUM_CODES] for entry in unshifted[1]]
+    assert not any(torch.equal(a, b) for a, b in zip(*codes, strict=True) if a.numel() > 8)
+
+
+def cpu_chunk() -> int:
+    """cpu_lion_elements.h CHUNK: the elements a thread takes at a time."""
+    return 1 << 16
 
 
 def test_cpu_tensors_only():

@@ -16,8 +16,8 @@
 // do the rest. Each element's param, grad and momentum are read once and written once.
 //
 // The pieces: cpu_lion_elements.h (descriptors, conversions, rounding, the scalar requantizer),
-// cpu_lion_stages.h (stage loops and the update), cpu_lion_vectors.h (the AVX-512 8-bit step);
-// this file splits the work across threads and holds the two entry points.
+// cpu_lion_stages.h (stage loops and the update), cpu_lion_vectors.h (the AVX-512 8-bit step),
+// cpu_lion_nibbles.h (the 4-bit format: its stages and its AVX-512 step); this file splits the work across threads and holds the two entry points.
 
 #include <atomic>
 #include <thread>
@@ -25,9 +25,18 @@
 
 #include "cpu_lion_elements.h"
 #include "cpu_lion_stages.h"
+#include "cpu_lion_nibbles.h"
 #include "cpu_lion_vectors.h"
 
 namespace {
+
+// load_momentum (cpu_lion_stages.h) for every format, "4bit" included.
+inline void load_any_momentum(float* out, const int64_t* d, const Options& o, int64_t start, int64_t n,
+                              const Tables& t) {
+  if (d[FORMAT] != Q4) return load_momentum(out, d, o, start, n, t);
+  decode_4bit(out, reinterpret_cast<const uint8_t*>(d[MOMENTUM_PTR]),
+              reinterpret_cast<const uint16_t*>(d[ABSMAX_PTR]), start, n);
+}
 
 // Items of whole blocks (whole stages) covering every tensor.
 std::vector<Item> items_of(const int64_t* tensors, int64_t count, int64_t chunk) {
@@ -112,6 +121,11 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
       step_8bit_vectors(d, o, t, item.start, staged_from, cautious, aligned_step, misaligned_step,
                         param_key, buffers);
     }
+    if (d[FORMAT] == Q4 && !(param_key >= 0 && d[PARAM_DTYPE] == F16)) {
+      staged_from = item.start + (item.end - item.start) / BLOCK_4BIT * BLOCK_4BIT;
+      step_4bit_vectors(d, o, item.start, staged_from, cautious, aligned_step, misaligned_step,
+                        param_key, momentum_key);
+    }
 #endif
     // fp32 params, grads and momentum are updated where they are (saves 0.2 of ~1.5 ns per
     // element in copies); other dtypes and formats go through the stage buffers.
@@ -123,13 +137,16 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
       float* ms = momentum_in_place ? static_cast<float*>(momentum) + start : m;
       const float* gs = grad_in_place ? reinterpret_cast<const float*>(d[GRAD_PTR]) + start : g;
       if (!grad_in_place) load_grad(g, d, o, start, n);
-      if (!momentum_in_place) load_momentum(m, d, o, start, n, t);
+      if (!momentum_in_place) load_any_momentum(m, d, o, start, n, t);
       if (!param_in_place) load(p, param, d[PARAM_DTYPE], start, n);
       update(ps, ms, gs, n, o, cautious, aligned_step, misaligned_step);
       if (!param_in_place) store(p, param, d[PARAM_DTYPE], start, n, param_key, d[ELEMENT_OFFSET]);
       if (d[FORMAT] == Q8) {
         encode_8bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<float*>(d[ABSMAX_PTR]),
                     inverses, o.block_size, start, n, t);
+      } else if (d[FORMAT] == Q4) {
+        encode_4bit(m, static_cast<uint8_t*>(momentum), reinterpret_cast<uint16_t*>(d[ABSMAX_PTR]),
+                    start, n, momentum_key, d[ELEMENT_OFFSET]);
       } else if (!momentum_in_place) {
         store(m, momentum, BF16, start, n, momentum_key, d[ELEMENT_OFFSET]);
       }
@@ -157,7 +174,7 @@ int64_t lion8bit_cpu_aligned_counts(const int64_t* tensors, int64_t count, const
     for (int64_t start = item.start; start < item.end; start += o.stage) {
       int64_t n = std::min(o.stage, item.end - start);
       load_grad(g, d, o, start, n);
-      load_momentum(m, d, o, start, n, t);
+      load_any_momentum(m, d, o, start, n, t);
       int64_t stage_aligned = 0;
       const float* __restrict gs = g;
       const float* __restrict ms = m;

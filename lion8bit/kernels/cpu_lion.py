@@ -26,7 +26,8 @@ from . import STEP_SCALARS, UnavailableBackend, check_tensors, cpu_build
 # Descriptor row of one tensor, and the codes of cpu_lion.cpp's enums (same order).
 _FIELDS = 11
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_FORMATS = {"8bit": 0, "bf16": 1, "fp32": 2}
+_FORMATS = {"8bit": 0, "bf16": 1, "fp32": 2, "4bit": 3}
+_QUANTIZED = (0, 3)  # the format codes with an absmax buffer
 _MAXIMIZE, _MASKED_DONT_MOVE, _CAUTIOUS_WEIGHT_DECAY, _STOCHASTIC = 1, 2, 4, 8
 _NO_KEY = -1
 
@@ -81,7 +82,8 @@ def _flags(scalars, stochastic_rounding: bool) -> int:
 _RUNTIME: dict[str, object] = {}
 
 
-_BUFFER_DTYPES = {0: torch.uint8, 1: torch.bfloat16, 2: torch.float32}  # by _FORMATS code
+_BUFFER_DTYPES = {0: torch.uint8, 1: torch.bfloat16, 2: torch.float32, 3: torch.uint8}  # by _FORMATS code
+_ABSMAX_DTYPES = {0: torch.float32, 3: torch.bfloat16}
 _FORMAT_NAMES = {code: name for name, code in _FORMATS.items()}
 
 
@@ -105,29 +107,33 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     param_types = list(map(_DTYPES.get, map(_dtype, params)))
     grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
     buffer_types = list(map(_dtype, buffers))
-    absmax_blocks = [-(-n // block_size) for n, f in zip(numels, formats, strict=True) if f == 0]  # quant.num_blocks
+    # Per-format sizes: "4bit" packs two codes per byte and has blocks of 32 (quant.packed_size,
+    # quant.num_blocks).
+    buffer_numels = [-(-n // 2) if f == 3 else n for n, f in zip(numels, formats, strict=True)]
+    blocks = [block_size if f == 0 else quant.BLOCK_SIZE_4BIT for f in formats]
+    absmax_blocks = [-(-n // b) for n, f, b in zip(numels, formats, blocks, strict=True) if f in _QUANTIZED]
     offsets = list(element_offsets) if element_offsets else [0] * count
     valid = (
         None not in param_types
         and all(g == p or g == 0 for g, p in zip(grad_types, param_types, strict=True))
         and list(map(_numel, grads)) == numels
-        and list(map(_numel, buffers)) == numels
+        and list(map(_numel, buffers)) == buffer_numels
         and [_BUFFER_DTYPES.get(f) for f in formats] == buffer_types
         and list(map(_numel, absmaxes)) == absmax_blocks
-        and all(a.dtype is torch.float32 for a in absmaxes)
+        and list(map(_dtype, absmaxes)) == [_ABSMAX_DTYPES[f] for f in formats if f in _QUANTIZED]
         and all(map(_is_cpu, params)) and all(map(_is_cpu, grads)) and all(map(_is_cpu, buffers))
         and all(map(_is_cpu, absmaxes))
         and all(map(_contiguous, params)) and all(map(_contiguous, grads)) and all(map(_contiguous, buffers))
         and all(map(_contiguous, absmaxes))
         and all(type(o) is int and o >= 0 for o in offsets)
-        and not any(o % block_size for o, f in zip(offsets, formats, strict=True) if f == 0)
+        and not any(o % b for o, f, b in zip(offsets, formats, blocks, strict=True) if f in _QUANTIZED)
     )
     if not valid:
         absmax_iterator = iter(absmaxes)
         for index, (param, grad, buffer, fmt, offset) in enumerate(
             zip(params, grads, buffers, formats, offsets, strict=True)
         ):
-            absmax = next(absmax_iterator) if fmt == 0 else None
+            absmax = next(absmax_iterator) if fmt in _QUANTIZED else None
             _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size)
         raise AssertionError("the tensors failed a check that no single tensor fails")
     absmax_pointers = iter(list(map(_data_ptr, absmaxes)))
@@ -136,7 +142,7 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
         map(_data_ptr, params),
         map(_data_ptr, grads),
         map(_data_ptr, buffers),
-        [next(absmax_pointers) if f == 0 else 0 for f in formats],
+        [next(absmax_pointers) if f in _QUANTIZED else 0 for f in formats],
         numels,
         param_types,
         grad_types,
@@ -155,7 +161,8 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
 def _refuse(index, param, grad, buffer, absmax, fmt, offset, block_size):
     """Raise the ValueError of kernels.check_tensors if this tensor fails the checks."""
     name = _FORMAT_NAMES.get(fmt, fmt)
-    momentum = {mom.MOMENTUM_CODES: buffer, mom.MOMENTUM_ABSMAX: absmax} if fmt == 0 else {mom.MOMENTUM: buffer}
+    quantized = fmt in _QUANTIZED
+    momentum = {mom.MOMENTUM_CODES: buffer, mom.MOMENTUM_ABSMAX: absmax} if quantized else {mom.MOMENTUM: buffer}
     for tensor in (param, grad, buffer, absmax):
         if tensor is not None and not tensor.is_cpu:
             raise ValueError(f'backend="cpu" runs on CPU tensors, got a tensor on {tensor.device}')
@@ -174,7 +181,7 @@ def _address(rows: array.array, kind):
 # measured on 300 tensors: more than the whole step of a small tensor) and run the same
 # functions directly; opcheck (tests/test_cpu_kernel.py) checks the registrations.
 # Arguments: per tensor its momentum buffer (uint8 codes or dense momentum), absmax for the
-# 8-bit ones only (in order), its format code (_FORMATS); step scalars as an fp32 [6] tensor.
+# 8-bit and 4-bit ones only (in order), its format code (_FORMATS); step scalars as an fp32 [6] tensor.
 
 
 class _Rows:
@@ -355,11 +362,11 @@ def _arguments(momenta, formats, count: int):
         # One format for every tensor (the common group): C-level passes, no per-tensor branches
         # (eager only: Dynamo cannot trace an itemgetter call, torch 2.13).
         try:
-            if formats[0] == "8bit":
+            if formats[0] in ("8bit", "4bit"):
                 return (
                     list(map(_codes_of, momenta)),
                     list(map(_absmax_of, momenta)),
-                    [0] * count,
+                    [_FORMATS[formats[0]]] * count,
                 )
             return list(map(_momentum_of, momenta)), [], [_FORMATS[formats[0]]] * count
         except KeyError:
@@ -367,10 +374,10 @@ def _arguments(momenta, formats, count: int):
     buffers, absmaxes, codes = [], [], []
     for index, (momentum, fmt) in enumerate(zip(momenta, formats, strict=True)):
         code = _FORMATS.get(fmt)
-        if code == 0 and mom.MOMENTUM_CODES in momentum and mom.MOMENTUM_ABSMAX in momentum:
+        if code in _QUANTIZED and mom.MOMENTUM_CODES in momentum and mom.MOMENTUM_ABSMAX in momentum:
             buffers.append(momentum[mom.MOMENTUM_CODES])
             absmaxes.append(momentum[mom.MOMENTUM_ABSMAX])
-        elif code is not None and code != 0 and mom.MOMENTUM in momentum:
+        elif code is not None and code not in _QUANTIZED and mom.MOMENTUM in momentum:
             buffers.append(momentum[mom.MOMENTUM])
         else:
             raise ValueError(
@@ -401,6 +408,16 @@ def _host_scalars(scalars) -> torch.Tensor:
             _HOST_SCALARS.clear()
         tensor = _HOST_SCALARS[values] = torch.tensor(values, dtype=torch.float32)
     return tensor
+
+
+def _only_4bit_keys(rounding_keys, codes):
+    """Keys given with stochastic_rounding off (the functional passes them for "4bit" momentum,
+    which always rounds stochastically): _NO_KEY (round to nearest) for every param, and for
+    every momentum but the 4-bit ones, as the reference does."""
+    if isinstance(rounding_keys, torch.Tensor):
+        keep = torch.tensor([[False, code == 3] for code in codes], device=rounding_keys.device)
+        return torch.where(keep, rounding_keys, _NO_KEY)
+    return [(_NO_KEY, keys[1] if code == 3 else _NO_KEY) for keys, code in zip(rounding_keys, codes, strict=True)]
 
 
 class CpuBackend:
@@ -436,6 +453,8 @@ class CpuBackend:
         if skip is not None:
             raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
         buffers, absmaxes, codes = _arguments(momenta, formats, len(params))
+        if rounding_keys is not None and not scalars.stochastic_rounding:
+            rounding_keys = _only_4bit_keys(rounding_keys, codes)
         step = _cpu_step
         if torch.compiler.is_compiling():
             step = cpu_step

@@ -11,8 +11,8 @@ namespace {
 
 // Param, grad and dense momentum storage dtypes.
 enum DType : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
-// Momentum formats (lion8bit.momentum): "8bit", "bf16", "fp32".
-enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2 };
+// Momentum formats (lion8bit.momentum): "8bit", "bf16", "fp32", "4bit" (cpu_lion_nibbles.h).
+enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2, Q4 = 3 };
 // Fields of one tensor's descriptor row (int64), written by cpu_lion.py.
 enum Field : int64_t {
   PARAM_PTR, GRAD_PTR, MOMENTUM_PTR, ABSMAX_PTR, NUMEL,
