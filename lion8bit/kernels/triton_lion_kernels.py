@@ -218,9 +218,12 @@ def _find_row(first_tiles, rows, tile):
 
 @triton.jit
 def _absmax_pointer(address, FORMAT: tl.constexpr):
+    # One return: the compiler (not the interpreter) rejects returns of different pointer types.
     if FORMAT == "4bit":
-        return address.to(tl.pointer_type(tl.bfloat16))
-    return address.to(tl.pointer_type(tl.float32))
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    return pointer
 
 
 @triton.jit
@@ -248,11 +251,14 @@ def _tile(tile, numel, QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _code_tile(offsets, mask, blocks, numel, FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _code_tile(
+    offsets, mask, blocks, numel,
+    FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ELEMENT_TYPE: tl.constexpr,
+):
     # Where the momentum's codes of the tile are: "4bit" packs two per byte, the others store one
-    # element per element.
+    # element per element. ELEMENT_TYPE: the type whose vectors set the elements' thread layout.
     if FORMAT == "4bit":
-        offsets, mask = nibbles.byte_tile(blocks, numel, QUANT_BLOCK, ALIGNED)
+        offsets, mask = nibbles.byte_tile(blocks, numel, QUANT_BLOCK, ALIGNED, ELEMENT_TYPE)
     return offsets, mask
 
 
@@ -318,7 +324,7 @@ def _aligned_count_kernel(
         one_minus_beta1 = tl.load(step_scalars_ptr + 1)
     tile = program - tl.load(first_tiles + row)
     blocks, offsets, mask, block_mask = _tile(tile, numel, QUANT_BLOCK, ROWS)
-    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED)
+    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED, GRAD_TYPE)
     g, m, u = _direction(
         grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
         code_offsets, code_mask, beta1, one_minus_beta1, FORMAT, MAXIMIZE, ROWS, QUANT_BLOCK,
@@ -378,7 +384,7 @@ def _lion_step_kernel(
         lr = tl.load(step_scalars_ptr + 5)
     tile = program - tl.load(first_tiles + row)
     blocks, offsets, mask, block_mask = _tile(tile, numel, QUANT_BLOCK, ROWS)
-    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED)
+    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED, PARAM_TYPE)
     if SKIP:
         # A step skipped for non-finite grads, decided on the device (no host synchronisation):
         # every load and store of the tile is masked off.

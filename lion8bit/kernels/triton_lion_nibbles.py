@@ -36,12 +36,20 @@ _SUBNORMAL_SCALE = tl.constexpr(quant.SUBNORMAL_SCALE)
 
 
 @triton.jit
-def byte_tile(blocks, numel, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def byte_tile(blocks, numel, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ELEMENT_TYPE: tl.constexpr):
     # The bytes of codes of ``blocks`` (QUANT_BLOCK // 2 per block) and which exist: byte i is
     # there iff element 2i is. The mask compares a byte offset (contiguous), not 2 * offset, so
     # the compiler can prove it uniform over a thread's bytes; with ALIGNED numel % 16 == 0, so
     # the byte count is a multiple of 8.
     offsets = blocks[:, None] * (QUANT_BLOCK // 2) + tl.arange(0, QUANT_BLOCK // 2)[None, :]
+    # Runs of bytes as long as a thread's 128-bit vector of ELEMENT_TYPE elements has codes (4
+    # for 16-bit, 2 for fp32): left to itself the compiler loads 8-byte runs in another thread
+    # layout than the elements' and converts between them through shared memory (seen in the
+    # sm_90 TTGIR with triton 3.9: ttg.convert_layout of the codes, 1 KB of shared memory).
+    if ELEMENT_TYPE == tl.float32:
+        offsets = tl.max_contiguous(offsets, [1, 2])
+    else:
+        offsets = tl.max_contiguous(offsets, [1, 4])
     packed = (numel + 1) >> 1
     if ALIGNED:
         packed = tl.multiple_of(packed, 8)
