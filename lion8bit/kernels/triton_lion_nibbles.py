@@ -82,8 +82,9 @@ def pack(codes, ROWS: tl.constexpr, QUANT_BLOCK: tl.constexpr):
 @triton.jit
 def round_up_to_bf16(absmax):
     # quant.round_up_to_bf16 with integer ops on the fp32 bits (non-negative or NaN input): the
-    # smallest bf16 >= it, as (bf16, its exact fp32 value). NaN keeps its bits when its low half
-    # is 0 (the canonical 0x7FC00000 is), as the reference's does.
+    # smallest bf16 >= it, as (bf16, its exact fp32 value). A NaN absmax (tl.reduce gives
+    # 0x7FC00000) is stored as 0x7FC0, where torch 2.13's CPU conversion writes 0xFFFF: NaN
+    # either way, as for bf16 momentum (tests/test_backends.py compares bf16 NaN as NaN).
     pattern = absmax.to(tl.uint32, bitcast=True)
     up = tl.where((pattern & 0xFFFF) != 0, (pattern | 0xFFFF) + 1, pattern)
     return (up >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), up.to(tl.float32, bitcast=True)
