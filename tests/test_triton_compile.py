@@ -200,6 +200,26 @@ def test_unaligned_launch_still_compiles_to_exact_accesses(module, compiled):
 
 
 @pytest.mark.parametrize("capability", TARGETS)
+def test_unaligned_4bit_launch_compiles_without_spills(module, compiled, capability):
+    # Without the hint, params and grads are scalar accesses laid out one element per thread along
+    # a row, while unpacking holds a byte's two codes in one thread: triton converts between the
+    # two through shared memory (4 KB; it passes the level gathers' addresses there, hence
+    # strict=False) and takes 214-222 registers with triton 3.9. No spills; each element of param
+    # and grad still loaded once. Such tensors are rare: numel % 16 != 0 or off 16 bytes, and
+    # "4bit" tensors have >= min_8bit_size elements.
+    per_thread = report.elements_per_thread(module)
+    for kind in ("step", "count"):
+        kernel = compiled(kind, report.Variant("fp32", "fp32", "4bit", aligned=False), capability)
+        usage = kernel.usage()
+        assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and usage["REG"] <= 255, (kind, usage)
+        accesses = kernel.accesses(strict=False)
+        for name in ("param", "grad") if kind == "step" else ("grad",):
+            loads = [a for a in accesses[name] if a.kind == "ld"]
+            assert sum(a.bytes for a in loads) == per_thread * 4, (kind, name, loads)
+        assert sum(a.bytes for a in accesses["momentum"] if a.kind == "ld") == per_thread // 2
+
+
+@pytest.mark.parametrize("capability", TARGETS)
 @pytest.mark.parametrize("cautious", [False, True])
 def test_device_scalars_are_six_loads_and_keep_the_vectors(module, capability, cautious):
     """capturable: the scalars come from a device tensor (6 loads per program, 5 with caution,

@@ -4,8 +4,9 @@ and its cautious count pre-pass. The launcher is :mod:`lion8bit.kernels.triton_l
 Per element, in fp32 registers and in the exact operation order of ``lion8bit/reference.py``:
 load param, grad and momentum (8-bit code + block absmax, bf16 or fp32), dequantize,
 interpolate, sign, cautious step size, (cautious) weight decay, param update, momentum EMA, new
-block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``) or
-round to bf16, store param and momentum. Each input element is read once and each output element
+block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``; for
+"4bit", stochastically to its 16 levels, :mod:`.triton_lion_nibbles`) or round to bf16, store
+param and momentum. Each input element is read once and each output element
 written once. With caution on, the count pre-pass reads only the old momentum and the grad.
 
 One launch updates many tensors (the ``multi_tensor_apply`` pattern): a program is one tile of
