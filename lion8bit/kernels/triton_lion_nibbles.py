@@ -3,9 +3,9 @@ as helpers of the fused step in :mod:`.triton_lion_kernels`.
 
 A program's tile is ROWS blocks of 32 elements ([ROWS, 32] element tensors) and ROWS rows of 16
 bytes of codes ([ROWS, 16]): a byte holds element 2i in its low nibble and 2i+1 in its high one,
-so unpacking is ``join(low, high)`` reshaped to the element tile and packing is its inverse
-(``split`` of the tile reshaped to [ROWS, 16, 2]). Each byte of codes is loaded once and stored
-once (tests/test_triton_compile.py counts them in the sm_80 / sm_90 PTX).
+so decoding is ``join(level[low], level[high])`` reshaped to the element tile and packing is its
+inverse (``split`` of the tile reshaped to [ROWS, 16, 2]). Each byte of codes is loaded once and
+stored once (tests/test_triton_compile.py counts them in the sm_80 / sm_90 PTX).
 
 Every step rounds the codes stochastically, bit for bit as quant.codes_4bit with
 quant.uniform_from_bits: between the levels lo < hi around the normalized x, hi iff
@@ -59,22 +59,21 @@ def byte_tile(blocks, numel, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, E
 @triton.jit
 def decode(packed, absmax, levels_ptr, ROWS: tl.constexpr, QUANT_BLOCK: tl.constexpr):
     # quant.dequantize_4bit: level[code] * float(absmax), one fp32 multiply. ``packed``: uint8
-    # [ROWS, QUANT_BLOCK // 2]; ``absmax``: the blocks' bf16 absmax as fp32 [ROWS].
-    codes = unpack(packed, ROWS, QUANT_BLOCK)
-    return tl.load(levels_ptr + codes) * absmax[:, None]
-
-
-@triton.jit
-def unpack(packed, ROWS: tl.constexpr, QUANT_BLOCK: tl.constexpr):
-    # uint8 [ROWS, QUANT_BLOCK // 2] -> int32 codes [ROWS, QUANT_BLOCK]: join puts byte i's low
-    # nibble at [.., i, 0] and its high one at [.., i, 1], which row-major is element 2i, 2i+1.
+    # [ROWS, QUANT_BLOCK // 2]; ``absmax``: the blocks' bf16 absmax as fp32 [ROWS]. The levels
+    # are gathered per nibble in the bytes' layout, then joined: byte i's low nibble at
+    # [.., i, 0], its high one at [.., i, 1], which row-major is element 2i, 2i+1. Gathering after
+    # the join instead, triton 3.6 (and 3.9 in the unaligned launch) gave the gather another
+    # thread layout and moved its 64-bit addresses through shared memory (16 KB, sm_90 TTGIR).
     wide = packed.to(tl.int32)
-    return tl.reshape(tl.join(wide & 0xF, wide >> 4), (ROWS, QUANT_BLOCK))
+    low = tl.load(levels_ptr + (wide & 0xF))
+    high = tl.load(levels_ptr + (wide >> 4))
+    return tl.reshape(tl.join(low, high), (ROWS, QUANT_BLOCK)) * absmax[:, None]
 
 
 @triton.jit
 def pack(codes, ROWS: tl.constexpr, QUANT_BLOCK: tl.constexpr):
-    # Inverse of unpack: int32 codes 0..15 [ROWS, QUANT_BLOCK] -> uint8 [ROWS, QUANT_BLOCK // 2].
+    # int32 codes 0..15 [ROWS, QUANT_BLOCK] -> uint8 [ROWS, QUANT_BLOCK // 2], element 2i in the
+    # low nibble of byte i (quant.pack_nibbles): split takes the pairs [.., i, 0] and [.., i, 1].
     even, odd = tl.split(tl.reshape(codes, (ROWS, QUANT_BLOCK // 2, 2)))
     return (even | (odd << 4)).to(tl.uint8)
 
