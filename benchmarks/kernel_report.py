@@ -257,8 +257,9 @@ def ptx_accesses(
     attributed to the column's name for that tensor ("param" for "param_ptrs"). Scalars mixed
     into offsets (sizes, row numbers) are not pointers and are left out. Raises if an address
     derives from no pointer or from two; with ``strict`` off, such accesses are listed under
-    "unattributed" instead (addresses that went through shared memory: the unaligned 4-bit
-    launch converts its level gathers' pointers between thread layouts there).
+    "unattributed" instead (an address that went through shared memory: with the 4-bit levels
+    gathered after unpacking, triton 3.6 converted the gathers' pointers between thread layouts
+    there).
     """
     pointer_columns = pointer_columns or {}
     body = ptx[ptx.index(".entry") : ptx.index("$L__func_end0")]

@@ -202,11 +202,11 @@ def test_unaligned_launch_still_compiles_to_exact_accesses(module, compiled):
 @pytest.mark.parametrize("capability", TARGETS)
 def test_unaligned_4bit_launch_compiles_without_spills(module, compiled, capability):
     # Without the hint, params and grads are scalar accesses laid out one element per thread along
-    # a row, while unpacking holds a byte's two codes in one thread: triton converts between the
-    # two through shared memory (4 KB; it passes the level gathers' addresses there, hence
-    # strict=False) and takes 214-222 registers with triton 3.9. No spills; each element of param
-    # and grad still loaded once. Such tensors are rare: numel % 16 != 0 or off 16 bytes, and
-    # "4bit" tensors have >= min_8bit_size elements.
+    # a row, while decoding holds a byte's two elements in one thread: triton converts between the
+    # two through shared memory (4 KB) and takes 182-214 registers with triton 3.9 (strict=False:
+    # should an address go through shared memory too, as gathering after the join once did). No
+    # spills; each element of param and grad still loaded once. Such tensors are rare: numel % 16
+    # != 0 or off 16 bytes, and "4bit" tensors have >= min_8bit_size elements.
     per_thread = report.elements_per_thread(module)
     for kind in ("step", "count"):
         kernel = compiled(kind, report.Variant("fp32", "fp32", "4bit", aligned=False), capability)
