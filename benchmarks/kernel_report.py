@@ -42,9 +42,16 @@ COMBINATIONS = [
     ("fp16", "fp16", "8bit"),
     ("bf16", "bf16", "bf16"),
     ("fp32", "fp32", "fp32"),
+    ("fp32", "fp32", "4bit"),
+    ("bf16", "bf16", "4bit"),
+    ("fp16", "fp32", "4bit"),
 ]
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "u8": 1, "i32": 4}
-_MOMENTUM_TYPE = {"8bit": "u8", "bf16": "bf16", "fp32": "fp32"}
+_MOMENTUM_TYPE = {"8bit": "u8", "4bit": "u8", "bf16": "bf16", "fp32": "fp32"}
+# Elements per byte of momentum codes ("4bit": two per byte).
+CODES_PER_BYTE = {"4bit": 2}
+# The absmax of the quantized formats: its bytes, and elements per block (None: the variant's block_size).
+ABSMAX = {"8bit": (4, None), "4bit": (2, 32)}
 # Per-element tensors of the step, reached through the launch table's address columns (the rest
 # are per block, per tensor, scalars or cached tables).
 ELEMENT_ARGS = ("param", "grad", "momentum")
@@ -107,9 +114,10 @@ def compile_step(module, variant: Variant, capability: int):
     eight_bit = v.fmt == "8bit"
     pointers = {name: "i64" for name in TABLE_ARGS}
     pointers.update({
-        "code_values_ptr": "fp32" if eight_bit else None,
+        "code_values_ptr": "fp32" if v.fmt in ABSMAX else None,
         "requant_table_ptr": "i32" if eight_bit else None,
-        "rounding_keys_ptr": "i64" if v.stochastic else None,
+        # "4bit" momentum rounds stochastically whatever the option: its keys are always passed
+        "rounding_keys_ptr": "i64" if v.stochastic or v.fmt == "4bit" else None,
         "cautious_steps_ptr": "fp32" if v.cautious else None,
         "step_scalars_ptr": "fp32" if v.device_scalars else None,
         "skip_ptr": None,
@@ -145,7 +153,7 @@ def compile_count(module, variant: Variant, capability: int):
     quant_block, rows = fused.layout(v.fmt, v.block_size)
     pointers = {name: "i64" for name in TABLE_ARGS if name not in ("param_ptrs", "element_offsets")}
     pointers.update({
-        "code_values_ptr": "fp32" if v.fmt == "8bit" else None,
+        "code_values_ptr": "fp32" if v.fmt in ABSMAX else None,
         "step_scalars_ptr": "fp32" if v.device_scalars else None,
         "counts_ptr": "i64",
     })
@@ -190,8 +198,8 @@ class Compiled:
     runtime_args: list[str]
     pointer_args: set[str]
 
-    def accesses(self) -> dict[str, list[Access]]:
-        return ptx_accesses(self.kernel.asm["ptx"], self.runtime_args, self.pointer_args, POINTER_COLUMNS)
+    def accesses(self, strict: bool = True) -> dict[str, list[Access]]:
+        return ptx_accesses(self.kernel.asm["ptx"], self.runtime_args, self.pointer_args, POINTER_COLUMNS, strict)
 
     def usage(self) -> dict[str, int]:
         return resource_usage(self.kernel.asm["cubin"])
@@ -236,7 +244,8 @@ class Access:
 
 
 def ptx_accesses(
-    ptx: str, runtime_args: list[str], pointer_args: set[str], pointer_columns: dict[str, str] | None = None
+    ptx: str, runtime_args: list[str], pointer_args: set[str], pointer_columns: dict[str, str] | None = None,
+    strict: bool = True,
 ) -> dict[str, list[Access]]:
     """Global loads, stores and atomics of one thread, grouped by the pointer their address comes from.
 
@@ -247,7 +256,10 @@ def ptx_accesses(
     table's addresses), which is the base pointer of a tensor: accesses through it are
     attributed to the column's name for that tensor ("param" for "param_ptrs"). Scalars mixed
     into offsets (sizes, row numbers) are not pointers and are left out. Raises if an address
-    derives from no pointer or from two.
+    derives from no pointer or from two; with ``strict`` off, such accesses are listed under
+    "unattributed" instead (an address that went through shared memory: with the 4-bit levels
+    gathered after unpacking, triton 3.6 converted the gathers' pointers between thread layouts
+    there).
     """
     pointer_columns = pointer_columns or {}
     body = ptx[ptx.index(".entry") : ptx.index("$L__func_end0")]
@@ -287,8 +299,10 @@ def ptx_accesses(
         if not match:
             continue
         roots = roots_of(re.search(r"\[\s*(%\w+)", operands).group(1))
-        if len(roots) != 1:
+        if len(roots) != 1 and strict:
             raise ValueError(f"cannot attribute {opcode} {operands} to one pointer: {sorted(roots)}")
+        if len(roots) != 1:
+            roots = {"unattributed"}
         vector = re.search(r"\.v(\d)", opcode)
         bits = int(re.search(r"\.[bsuf](\d+)$", opcode).group(1))
         kind = "atomic" if match.group(1) in ("atom", "red") else match.group(1)
@@ -321,11 +335,12 @@ def addptr_offset_types(ttir: str) -> dict[str, set[str]]:
 # the report
 
 
-def element_bytes(accesses: dict[str, list[Access]], per_thread: int, block_size: int) -> float:
+def element_bytes(accesses: dict[str, list[Access]], per_thread: int, fmt: str, block_size: int) -> float:
     """Bytes moved per element by one step: per-element tensors plus absmax amortised per block."""
     total = sum(a.bytes for name in ELEMENT_ARGS for a in accesses.get(name, [])) / per_thread
-    # One fp32 absmax per block, read and / or written.
-    total += 4 * len({a.kind for a in accesses.get("absmax", [])}) / block_size
+    if fmt in ABSMAX:  # one absmax per block, read and / or written
+        size, block = ABSMAX[fmt]
+        total += size * len({a.kind for a in accesses.get("absmax", [])}) / (block or block_size)
     return total
 
 
@@ -348,8 +363,8 @@ def report_rows(module) -> list[dict]:
         unaligned = compile_step(module, Variant(param, grad, fmt, aligned=False), capability)
         usage = step.usage()
         capturable = compile_step(module, replace(variant, device_scalars=True), capability).usage()
-        moved = element_bytes(accesses, per_thread, variant.block_size)
-        prepass = element_bytes(count_accesses, per_thread, variant.block_size)
+        moved = element_bytes(accesses, per_thread, fmt, variant.block_size)
+        prepass = element_bytes(count_accesses, per_thread, fmt, variant.block_size)
         rows.append(
             {
                 "target": f"sm_{capability} ({gpu})",
@@ -359,7 +374,9 @@ def report_rows(module) -> list[dict]:
                 "spill+stack bytes": sum(u["LOCAL"] + u["STACK"] for u in (usage, capturable)),
                 "shared bytes": step.kernel.metadata.shared,
                 "vector bits (aligned launch)": vector_bits(accesses),
-                "vector bits (other launch)": vector_bits(unaligned.accesses()),
+                "momentum vector bits": vector_bits(accesses, ("momentum",)),
+                "vector bits (other launch)": vector_bits(unaligned.accesses(strict=False)),
+                "registers (other launch)": unaligned.usage()["REG"],
                 "bytes/element": round(moved, 3),
                 "+ cautious pre-pass": round(prepass, 3),
                 "7B floor ms (FLOOR, not measured)": round(MODEL_PARAMS * moved / bandwidth * 1e3, 1),
@@ -536,8 +553,9 @@ def markdown(rows: list[dict], launches: list[dict]) -> str:
         "",
         "Floors are bytes/element x 7e9 / peak bandwidth (A100 2.0 TB/s, H100 3.35 TB/s): a lower "
         "bound for a memory-bound kernel, NOT a measurement. Bytes count global traffic of the "
-        "per-element tensors plus 8 bytes of absmax per 256 elements; the codebook and "
-        "requantization-table gathers hit a 6.6 KB table held in cache and are not counted, nor "
+        "per-element tensors plus the absmax (8-bit: 4 bytes read and 4 written per 256 elements; "
+        "4-bit: 2 and 2 per 32); the codebook and requantization-table gathers (8-bit) hit a "
+        "6.6 KB table held in cache, the 4-bit levels' gathers a 64-byte one: not counted, nor "
         "are a program's ~20 scalar reads of the launch table (64 bytes per tensor, cached), "
         "about 0.08 bytes per element even if none hit a cache.",
         "",

@@ -158,8 +158,9 @@ def _grads(params, step):
         dict(weight_decay=0.1, cautious_factor=0.5, cautious_weight_decay=True, stochastic_rounding=True),
         dict(state="bf16", weight_decay=0.1, stochastic_rounding=True, maximize=True),
         dict(state="fp32", cautious_factor=0.0, decoupled_weight_decay=True, weight_decay=1e-4),
+        dict(state="4bit", weight_decay=0.1, cautious_factor=0.5),  # stochastic codes, nearest params
     ],
-    ids=["8bit", "8bit-cautious-sr", "bf16-sr-maximize", "fp32-mask-decoupled"],
+    ids=["8bit", "8bit-cautious-sr", "bf16-sr-maximize", "fp32-mask-decoupled", "4bit-cautious"],
 )
 def test_optimizer_backend_triton_is_backend_torch(options):
     sides = {}
@@ -324,7 +325,7 @@ def test_the_ops_pass_opcheck():
     keys = torch.tensor([[1, 2], [3, 4], [5, 2**32 - 1]], dtype=torch.int64)
     steps = torch.tensor([[1e-3, 5e-4]] * 3)
     step = (params, grads, buffers, codes, [], 256, [1e-3, 0.9, 0.1, 0.99, 0.01, 0.9999],
-            False, True, False, True, True, keys, steps, None, None)
+            False, True, False, True, True, True, keys, steps, None, None)
     results = torch.library.opcheck(torch.ops.lion8bit.triton_lion_step.default, step)
     results |= torch.library.opcheck(
         torch.ops.lion8bit.triton_aligned_counts.default,

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lion8bit import quant
 from lion8bit.kernels import triton_lion, triton_lion_kernels
 
 _nearest_codes = triton_lion_kernels._nearest_codes
@@ -76,3 +77,62 @@ def round_to_16_bits(values: torch.Tensor, bits: torch.Tensor | None):
         values, bits, bf16, fp16, values.numel(), STOCHASTIC=stochastic, BLOCK=BLOCK
     )
     return bf16, fp16
+
+
+# ---------------------------------------------------------------------------------------------
+# the "4bit" codec (lion8bit/kernels/triton_lion_nibbles.py) on tiles of ROWS_4BIT blocks of 32
+
+nibbles = triton_lion_kernels.nibbles
+ROWS_4BIT = 8
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    values_ptr, bits_ptr, levels_ptr, packed_ptr, absmax_ptr, numel, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    # What the step does to its new momentum m: absmax, round up, normalize, codes, pack.
+    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offsets < numel
+    m = tl.load(values_ptr + offsets, mask=mask, other=0.0)
+    bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.uint32)
+    absmax, absmax32 = nibbles.round_up_to_bf16(
+        tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, triton_lion_kernels._max_propagating_nan)
+    )
+    codes = nibbles.codes(nibbles.normalize(m, absmax32), bits, levels_ptr)
+    byte_offsets, byte_mask = nibbles.byte_tile(blocks, numel, BLOCK, False, tl.float32)
+    tl.store(packed_ptr + byte_offsets, nibbles.pack(tl.where(mask, codes, 0), ROWS, BLOCK), mask=byte_mask)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks * BLOCK < numel)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr, absmax_ptr, levels_ptr, values_ptr, numel, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    byte_offsets, byte_mask = nibbles.byte_tile(blocks, numel, BLOCK, False, tl.float32)
+    packed = tl.load(packed_ptr + byte_offsets, mask=byte_mask, other=0)
+    absmax = triton_lion_kernels._to_fp32(tl.load(absmax_ptr + blocks, mask=blocks * BLOCK < numel, other=0.0))
+    m = nibbles.decode(packed, absmax, levels_ptr, ROWS, BLOCK)
+    tl.store(values_ptr + offsets, m, mask=offsets < numel)
+
+
+def quantize_4bit(values: torch.Tensor, bits: torch.Tensor):
+    """Like quant.quantize_4bit(values, bits): (packed uint8, bf16 absmax)."""
+    numel = values.numel()
+    packed = torch.full((quant.packed_size(numel),), 0xAA, dtype=torch.uint8)  # every byte is written
+    absmax = torch.full((quant.num_blocks(numel, 32),), float("nan"), dtype=torch.bfloat16)
+    _quantize_4bit_kernel[(triton.cdiv(numel, 32 * ROWS_4BIT),)](
+        values, bits, quant.levels_4bit(), packed, absmax, numel, ROWS=ROWS_4BIT, BLOCK=32
+    )
+    return packed, absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, numel: int) -> torch.Tensor:
+    """Like quant.dequantize_4bit."""
+    values = torch.empty(numel, dtype=torch.float32)
+    _dequantize_4bit_kernel[(triton.cdiv(numel, 32 * ROWS_4BIT),)](
+        packed, absmax, quant.levels_4bit(), values, numel, ROWS=ROWS_4BIT, BLOCK=32
+    )
+    return values

@@ -44,7 +44,8 @@ from . import triton_lion_kernels as fused
 # What the kernels were decorated for (the interpreter or the GPU compiler).
 INTERPRETED = fused.INTERPRETED
 MAX_ROWS = fused.MAX_ROWS
-FORMATS = ("8bit", "bf16", "fp32")  # the ops' format codes are indices into this
+FORMATS = ("8bit", "bf16", "fp32", "4bit")  # the ops' format codes are indices into this
+_QUANTIZED = ("8bit", "4bit")  # momentum as codes + absmax: two buffers
 _TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TABLE_CAPACITY = 64  # tables kept: a few per group and alignment, and some for moving grads
 
@@ -53,6 +54,13 @@ _TABLE_CAPACITY = 64  # tables kept: a few per group and alignment, and some for
 def _tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Copied to a device once (the first step), like quant.codebook.
     return quant.codebook(device), fused._REQUANT_TABLE.to(device)
+
+
+def _code_values(fmt: str, device: torch.device) -> torch.Tensor | None:
+    """What a format's codes decode to: the 8-bit codebook, the 4-bit levels, or nothing."""
+    if fmt == "8bit":
+        return _tables_on(device)[0]
+    return quant.levels_4bit(device) if fmt == "4bit" else None
 
 
 def _fp32(value: float) -> float:
@@ -185,7 +193,7 @@ def plan_launches(params, grads, buffers, formats, element_offsets, block_size):
         fmt = FORMATS[formats[slot]]
         momentum = buffers[position]
         absmax = 0
-        if fmt == "8bit":
+        if fmt in _QUANTIZED:
             absmax = buffers[position + 1].data_ptr()
             position += 1
         position += 1
@@ -220,18 +228,17 @@ def _aligned_counts(
     block_size: int, beta1: float, one_minus_beta1: float, maximize: bool, step_scalars: torch.Tensor | None,
 ) -> torch.Tensor:
     """The cautious pre-pass of every tensor: int64 [n], the aligned elements per tensor.
-    ``buffers``: each tensor's momentum buffers in turn (codes and absmax for "8bit");
+    ``buffers``: each tensor's momentum buffers in turn (codes and absmax for "8bit" and "4bit");
     ``formats``: indices into :data:`FORMATS`. ``params`` are not read (they key the tables the
     step shares)."""
     device = params[0].device
     counts = torch.zeros(len(params), dtype=torch.int64, device=device)
-    code_values = _tables_on(device)[0]
     for kind, (quant_block, rows), table in plan_launches(params, grads, buffers, formats, None, block_size):
         grad_column, momentum_column, absmax_column, numels, _, first_tiles, slots = table.columns[1:]
         with _device_of(device):
             fused._aligned_count_kernel[(table.tiles,)](
                 grad_column, momentum_column, absmax_column, numels, first_tiles, slots, table.rows,
-                code_values if kind.fmt == "8bit" else None, step_scalars, counts,
+                _code_values(kind.fmt, device), step_scalars, counts,
                 _fp32(beta1), _fp32(one_minus_beta1),
                 GRAD_TYPE=_TYPES[kind.grad_dtype], FORMAT=kind.fmt, MAXIMIZE=maximize,
                 DEVICE_SCALARS=step_scalars is not None, ALIGNED=kind.aligned,
@@ -258,24 +265,26 @@ def _lion_step(
     params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], formats: list[int],
     element_offsets: list[int], block_size: int, scalars: list[float],
     maximize: bool, cautious: bool, cautious_mask: bool, weight_decay: bool, cautious_weight_decay: bool,
-    rounding_keys: torch.Tensor | None, cautious_steps: torch.Tensor | None,
+    stochastic_rounding: bool, rounding_keys: torch.Tensor | None, cautious_steps: torch.Tensor | None,
     step_scalars: torch.Tensor | None, skip: torch.Tensor | None,
 ) -> None:
     """The whole step of every tensor, in place. ``scalars``: lr, beta1, 1 - beta1, beta2,
     1 - beta2, decay (replaced by ``step_scalars`` when given); ``rounding_keys``: int64 [n, 2]
-    uint32 keys; ``cautious_steps``: fp32 [n, 2]; ``skip``: uint8 0-dim, nonzero = change
-    nothing; ``element_offsets``: [] for all 0. Buffers and formats as in triton_aligned_counts."""
+    uint32 keys, with which bf16 / fp16 params and bf16 momentum round stochastically if
+    ``stochastic_rounding`` and "4bit" momentum always; ``cautious_steps``: fp32 [n, 2];
+    ``skip``: uint8 0-dim, nonzero = change nothing; ``element_offsets``: [] for all 0. Buffers
+    and formats as in triton_aligned_counts."""
     device = params[0].device
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = (_fp32(value) for value in scalars)
     for kind, (quant_block, rows), table in plan_launches(
         params, grads, buffers, formats, element_offsets, block_size
     ):
-        code_values, requant_table = _tables_on(device) if kind.fmt == "8bit" else (None, None)
-        stochastic = rounding_keys is not None
+        requant_table = _tables_on(device)[1] if kind.fmt == "8bit" else None
+        stochastic = rounding_keys is not None and stochastic_rounding
         with _device_of(device):
             fused._lion_step_kernel[(table.tiles,)](
                 *table.columns, table.rows,
-                code_values, requant_table,
+                _code_values(kind.fmt, device), requant_table,
                 rounding_keys, cautious_steps, step_scalars, skip,
                 lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
                 PARAM_TYPE=_TYPES[kind.param_dtype],
@@ -317,7 +326,7 @@ def _(*args):
 def _flat_buffers(momenta, formats) -> tuple[list[torch.Tensor], list[int]]:
     buffers = []
     for momentum, fmt in zip(momenta, formats, strict=True):
-        if fmt == "8bit":
+        if fmt in _QUANTIZED:
             buffers += [momentum[mom.MOMENTUM_CODES], momentum[mom.MOMENTUM_ABSMAX]]
         else:
             buffers.append(momentum[mom.MOMENTUM])
@@ -407,11 +416,15 @@ class TritonBackend:
         self._check(params, grads, momenta, formats, block_size, element_offsets, step_scalars)
         if not params:
             return
+        if rounding_keys is None and "4bit" in formats:
+            # As reference.reference_step: the format's rounding is stochastic, keyed per step.
+            raise ValueError('"4bit" momentum rounds stochastically: pass rounding_keys')
         device, count, s = params[0].device, len(params), scalars
         buffers, codes = _flat_buffers(momenta, formats)
         _entry(torch.ops.lion8bit.triton_lion_step, _lion_step)(
             params, grads, buffers, codes, list(element_offsets or ()), block_size, _host_scalars(s, step_scalars),
             s.maximize, s.cautious, s.cautious_factor == 0.0, s.weight_decay, s.cautious_weight_decay,
+            s.stochastic_rounding,
             None if rounding_keys is None else _per_slot(
                 rounding_keys, count, torch.int64, device, "rounding keys"
             ),

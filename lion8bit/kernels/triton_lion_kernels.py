@@ -4,8 +4,9 @@ and its cautious count pre-pass. The launcher is :mod:`lion8bit.kernels.triton_l
 Per element, in fp32 registers and in the exact operation order of ``lion8bit/reference.py``:
 load param, grad and momentum (8-bit code + block absmax, bf16 or fp32), dequantize,
 interpolate, sign, cautious step size, (cautious) weight decay, param update, momentum EMA, new
-block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``) or
-round to bf16, store param and momentum. Each input element is read once and each output element
+block absmax, requantize (nearest, ties toward zero, sign rule of ``quant.nearest_codes``; for
+"4bit", stochastically to its 16 levels, :mod:`.triton_lion_nibbles`) or round to bf16, store
+param and momentum. Each input element is read once and each output element
 written once. With caution on, the count pre-pass reads only the old momentum and the grad.
 
 One launch updates many tensors (the ``multi_tensor_apply`` pattern): a program is one tile of
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from .. import quant
 from . import interpreting
+from . import triton_lion_nibbles as nibbles
 
 # The kernels were decorated for the interpreter iff the variable was set at import (triton reads
 # TRITON_INTERPRET in @triton.jit), so this, not the variable now, says what they can run on.
@@ -196,7 +198,7 @@ def _nearest_codes(normalized, requant_table_ptr):
 
 def layout(fmt: str, block_size: int) -> tuple[int, int]:
     """(QUANT_BLOCK, ROWS) of a program's tile: ROWS x QUANT_BLOCK elements."""
-    row = block_size if fmt == "8bit" else _DENSE_BLOCK
+    row = {"8bit": block_size, "4bit": quant.BLOCK_SIZE_4BIT}.get(fmt, _DENSE_BLOCK)
     return row, max(1, _TILE // row)
 
 
@@ -216,8 +218,18 @@ def _find_row(first_tiles, rows, tile):
 
 
 @triton.jit
+def _absmax_pointer(address, FORMAT: tl.constexpr):
+    # One return: the compiler (not the interpreter) rejects returns of different pointer types.
+    if FORMAT == "4bit":
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    return pointer
+
+
+@triton.jit
 def _momentum_pointer(address, FORMAT: tl.constexpr, ALIGNED: tl.constexpr):
-    if FORMAT == "8bit":
+    if FORMAT == "8bit" or FORMAT == "4bit":
         pointer = address.to(tl.pointer_type(tl.uint8))
     elif FORMAT == "bf16":
         pointer = address.to(tl.pointer_type(tl.bfloat16))
@@ -240,17 +252,34 @@ def _tile(tile, numel, QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _code_tile(
+    offsets, mask, blocks, numel,
+    FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ELEMENT_TYPE: tl.constexpr,
+):
+    # Where the momentum's codes of the tile are: "4bit" packs two per byte, the others store one
+    # element per element. ELEMENT_TYPE: the type whose vectors set the elements' thread layout.
+    if FORMAT == "4bit":
+        offsets, mask = nibbles.byte_tile(blocks, numel, QUANT_BLOCK, ALIGNED, ELEMENT_TYPE)
+    return offsets, mask
+
+
+@triton.jit
 def _direction(
     grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr,
-    offsets, blocks, mask, block_mask,
+    offsets, blocks, mask, block_mask, code_offsets, code_mask,
     beta1, one_minus_beta1,
-    FORMAT: tl.constexpr, MAXIMIZE: tl.constexpr,
+    FORMAT: tl.constexpr, MAXIMIZE: tl.constexpr, ROWS: tl.constexpr, QUANT_BLOCK: tl.constexpr,
 ):
-    # (g, m, u) from the old momentum: reference.update_direction.
+    # (g, m, u) from the old momentum: reference.update_direction. ``code_offsets`` and
+    # ``code_mask``: the momentum's (_code_tile); ``code_values_ptr``: the 4-bit levels for "4bit".
     if FORMAT == "8bit":
         codes = tl.load(momentum_ptr + offsets, mask=mask, other=127)
         absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
         m = tl.load(code_values_ptr + codes.to(tl.int32)) * absmax[:, None]
+    elif FORMAT == "4bit":
+        packed = tl.load(momentum_ptr + code_offsets, mask=code_mask, other=0)
+        absmax = _to_fp32(tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0))
+        m = nibbles.decode(packed, absmax, code_values_ptr, ROWS, QUANT_BLOCK)
     else:
         m = _to_fp32(tl.load(momentum_ptr + offsets, mask=mask, other=0.0))
     g = _to_fp32(tl.load(grad_ptr + offsets, mask=mask, other=0.0))
@@ -286,7 +315,7 @@ def _aligned_count_kernel(
     row = _find_row(first_tiles, rows, program)
     grad_ptr = tl.load(grad_ptrs + row).to(tl.pointer_type(GRAD_TYPE))
     momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT, ALIGNED)
-    absmax_ptr = tl.load(absmax_ptrs + row).to(tl.pointer_type(tl.float32))
+    absmax_ptr = _absmax_pointer(tl.load(absmax_ptrs + row), FORMAT)
     numel = tl.load(numels + row)
     if ALIGNED:  # the launcher put only 16-byte-aligned tensors of numel % 16 == 0 here
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -296,9 +325,10 @@ def _aligned_count_kernel(
         one_minus_beta1 = tl.load(step_scalars_ptr + 1)
     tile = program - tl.load(first_tiles + row)
     blocks, offsets, mask, block_mask = _tile(tile, numel, QUANT_BLOCK, ROWS)
+    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED, GRAD_TYPE)
     g, m, u = _direction(
         grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
-        beta1, one_minus_beta1, FORMAT, MAXIMIZE,
+        code_offsets, code_mask, beta1, one_minus_beta1, FORMAT, MAXIMIZE, ROWS, QUANT_BLOCK,
     )
     aligned = (u * g > 0).to(tl.int32)
     # Integer sums: the order of the tiles' additions does not change the count.
@@ -310,7 +340,7 @@ def _lion_step_kernel(
     # the launch table (COLUMNS): params, momentum and absmax are updated in place at its addresses
     param_ptrs, grad_ptrs, momentum_ptrs, absmax_ptrs, numels, element_offsets, first_tiles, slots,
     rows,
-    # read: the codebook, the requantization table
+    # read: the codebook (the levels for "4bit"), the requantization table
     code_values_ptr, requant_table_ptr,
     # read, per slot: uint32 stochastic-rounding keys (int64 [n, 2], quant.rounding_key), cautious
     # step sizes (fp32 [n, 2]: where aligned, where not); per step: the device scalars (fp32 [6],
@@ -320,14 +350,14 @@ def _lion_step_kernel(
     lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
     PARAM_TYPE: tl.constexpr,
     GRAD_TYPE: tl.constexpr,
-    FORMAT: tl.constexpr,  # "8bit" | "bf16" | "fp32"
+    FORMAT: tl.constexpr,  # "8bit" | "4bit" | "bf16" | "fp32"
     MAXIMIZE: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     CAUTIOUS_MASK: tl.constexpr,  # cautious_factor == 0: masked elements do not move
     WEIGHT_DECAY: tl.constexpr,
     CAUTIOUS_WEIGHT_DECAY: tl.constexpr,
     STOCHASTIC_PARAM: tl.constexpr,
-    STOCHASTIC_MOMENTUM: tl.constexpr,
+    STOCHASTIC_MOMENTUM: tl.constexpr,  # bf16 momentum ("4bit" always rounds stochastically)
     SKIP: tl.constexpr,  # skip_ptr given
     DEVICE_SCALARS: tl.constexpr,  # step_scalars_ptr given: the scalars come from it
     ALIGNED: tl.constexpr,  # every tensor 16-byte aligned with numel % 16 == 0: 128-bit accesses
@@ -339,7 +369,7 @@ def _lion_step_kernel(
     param_ptr = tl.load(param_ptrs + row).to(tl.pointer_type(PARAM_TYPE))
     grad_ptr = tl.load(grad_ptrs + row).to(tl.pointer_type(GRAD_TYPE))
     momentum_ptr = _momentum_pointer(tl.load(momentum_ptrs + row), FORMAT, ALIGNED)
-    absmax_ptr = tl.load(absmax_ptrs + row).to(tl.pointer_type(tl.float32))
+    absmax_ptr = _absmax_pointer(tl.load(absmax_ptrs + row), FORMAT)
     numel = tl.load(numels + row)
     if ALIGNED:  # the launcher put only 16-byte-aligned tensors of numel % 16 == 0 here
         param_ptr = tl.multiple_of(param_ptr, 16)
@@ -355,6 +385,7 @@ def _lion_step_kernel(
         lr = tl.load(step_scalars_ptr + 5)
     tile = program - tl.load(first_tiles + row)
     blocks, offsets, mask, block_mask = _tile(tile, numel, QUANT_BLOCK, ROWS)
+    code_offsets, code_mask = _code_tile(offsets, mask, blocks, numel, FORMAT, QUANT_BLOCK, ALIGNED, PARAM_TYPE)
     if SKIP:
         # A step skipped for non-finite grads, decided on the device (no host synchronisation):
         # every load and store of the tile is masked off.
@@ -362,9 +393,10 @@ def _lion_step_kernel(
         # tl.where, not "&": the interpreter (triton 3.9) rejects a tensor & scalar mask.
         mask = tl.where(keep, mask, False)
         block_mask = tl.where(keep, block_mask, False)
+        code_mask = tl.where(keep, code_mask, False)
     g, m, u = _direction(
         grad_ptr, momentum_ptr, absmax_ptr, code_values_ptr, offsets, blocks, mask, block_mask,
-        beta1, one_minus_beta1, FORMAT, MAXIMIZE,
+        code_offsets, code_mask, beta1, one_minus_beta1, FORMAT, MAXIMIZE, ROWS, QUANT_BLOCK,
     )
     p = _to_fp32(tl.load(param_ptr + offsets, mask=mask, other=0.0))
 
@@ -397,7 +429,19 @@ def _lion_step_kernel(
         p = _round_to_fp16(p, bits, STOCHASTIC_PARAM)
     tl.store(param_ptr + offsets, p, mask=mask)
 
-    if FORMAT == "8bit":
+    if FORMAT == "4bit":
+        # quant.quantize_4bit, rounding stochastically with the momentum stream's bits (always:
+        # the format's rounding, whatever STOCHASTIC_MOMENTUM says).
+        absmax, absmax32 = nibbles.round_up_to_bf16(
+            tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_propagating_nan)
+        )
+        bits = _stream_bits(rounding_keys_ptr, slot, 1, indices, True)
+        codes = nibbles.codes(nibbles.normalize(m, absmax32), bits, code_values_ptr)
+        # Elements past the end code 0: an odd count's last high nibble (quant.pack_nibbles).
+        codes = nibbles.pack(tl.where(mask, codes, 0), ROWS, QUANT_BLOCK)
+        tl.store(momentum_ptr + code_offsets, codes, mask=code_mask)
+        tl.store(absmax_ptr + blocks, absmax, mask=block_mask)
+    elif FORMAT == "8bit":
         absmax = tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_propagating_nan)
         # A correctly rounded reciprocal, as torch.reciprocal: on NVIDIA, "/" on fp32 lowers to
         # an approximate division (div.full.f32, 2 ulp); div_rn is div.rn.f32.
