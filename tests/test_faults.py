@@ -106,6 +106,9 @@ def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, state, poiso
     assert_unchanged(before, net, optimizer)
     assert all(int(e[mom.NONFINITE_SKIPS]) == 1 for e in optimizer.state.values())
     assert all(e[mom.STEP] == 3 for e in optimizer.state.values()), "step counts calls: no RNG key reused"
+    if state == "4bit":  # it always rounds stochastically: the reference's keys must move on too
+        for entry in reference.state.values():
+            entry[mom.STEP] += 1
     for seed in (2, 3):  # afterwards the run goes on as if the bad step had not been offered
         for n, o in ((net, optimizer), (clean, reference)):
             grads_for(n, seed)
