@@ -88,7 +88,12 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
                           const float* scalars, int64_t flags, int64_t block_size,
                           const float* codebook, const float* levels, int64_t num_threads) {
   const Options o = options_of(scalars, flags, block_size);
+#if defined(__AVX512F__)
+  const CodecTables codec(codebook, levels);  // ~1 us: once per call
+  const Tables t{codebook, levels, &codec};
+#else
   const Tables t{codebook, levels};
+#endif
   const int64_t chunk = std::max(o.stage, CHUNK);
   auto items = items_of(tensors, count, chunk);
   run_parallel(items, num_threads, o.stage, [&](const Item& item, float* buffers) {
