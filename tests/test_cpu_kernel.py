@@ -53,16 +53,11 @@ def test_portable_build_is_bit_exact(options):
         step_and_compare("cpu", *batch(TAILS, generator), group_of(*options))
 
 
-def test_requantizer_equals_brute_force(kernel):
-    """Codes of chosen values: beta2 = 0 makes the new momentum the gradient, and a 1.0 in
-    every block makes its absmax 1, so the kernel quantizes exactly these values."""
-    values = _boundary_values()
-    values = values[values.abs() <= 1.0]
-    scales = torch.logspace(-9, 0, 2000, dtype=torch.float64).float()
-    values = torch.cat([values, scales, -scales, torch.rand(4000) * 2 - 1, (torch.rand(2000) * 2 - 1) * 1e-5])
-    per_block = quant.BLOCK_SIZE - 1
-    values = torch.cat([values, torch.zeros(-values.numel() % per_block)])
-    blocks = values.view(-1, per_block)
+def _kernel_codes(values: torch.Tensor) -> torch.Tensor:
+    """The codes the kernel gives values in [-1, 1]: beta2 = 0 makes the new momentum the
+    gradient, and a 1.0 in every block makes its absmax 1, so it quantizes exactly these values."""
+    per_block, count = quant.BLOCK_SIZE - 1, values.numel()
+    blocks = torch.cat([values, torch.zeros(-count % per_block)]).view(-1, per_block)
     grad = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
     param = torch.zeros_like(grad)
     entry = {mom.STEP: 1, **mom.new_momentum(param, "8bit", quant.BLOCK_SIZE)}
@@ -70,8 +65,41 @@ def test_requantizer_equals_brute_force(kernel):
     lion([param], [grad], [entry], ["8bit"], scalars=lion_scalars(group), block_size=quant.BLOCK_SIZE,
          stochastic_rounding=False, backend="cpu")
     assert torch.equal(entry[mom.MOMENTUM_ABSMAX], torch.ones(blocks.shape[0]))
-    codes = entry[mom.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:]
-    assert torch.equal(codes.reshape(-1), brute_force_codes(blocks.reshape(-1)))
+    return entry[mom.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:].reshape(-1)[:count]
+
+
+def test_requantizer_equals_brute_force(kernel):
+    values = _boundary_values()
+    values = values[values.abs() <= 1.0]
+    scales = torch.logspace(-9, 0, 2000, dtype=torch.float64).float()
+    values = torch.cat([values, scales, -scales, torch.rand(4000) * 2 - 1, (torch.rand(2000) * 2 - 1) * 1e-5])
+    assert torch.equal(_kernel_codes(values), brute_force_codes(values))
+
+
+def _ulps_away(points: torch.Tensor, steps: int) -> torch.Tensor:
+    """fp32 points moved by `steps` ulps (toward +inf for steps > 0)."""
+    bits = points.float().view(torch.int32)
+    return (bits + torch.where(points >= 0, steps, -steps)).view(torch.float32)
+
+
+def test_requantizer_arithmetic_path_around_every_threshold(kernel):
+    """The native build computes codes arithmetically and searches only where |x| is within
+    2**-12 (in code units) of a threshold: values up to 4096 ulps from every threshold cross
+    that margin on both sides in every decade. Also octave and decade edges (the tables switch
+    there), zeros and the smallest normal and subnormal values."""
+    thresholds = quant.decision_thresholds()
+    positive = thresholds[thresholds > 0].float()
+    steps = [2**k for k in range(13)] + [3 * 2**k for k in range(11)]
+    offsets = [0] + steps + [-k for k in steps]
+    near = torch.cat([_ulps_away(positive, k) for k in offsets])
+    octaves, decades = torch.arange(-40, 1, dtype=torch.float64), torch.arange(-8, 1, dtype=torch.float64)
+    edges = torch.cat([2.0**octaves, 10.0**decades]).float()
+    edges = torch.cat([_ulps_away(edges, k) for k in (-2, -1, 0, 1, 2)])
+    tiny = torch.tensor([0.0, 1e-45, 1.1754942e-38, 1.1754944e-38, 1e-38, 1e-30])
+    values = torch.cat([near, edges, tiny])
+    values = values[values <= 1.0]
+    values = torch.cat([values, -values])
+    assert torch.equal(_kernel_codes(values), brute_force_codes(values))
 
 
 def test_requantizer_search_levels_hold_every_threshold_once():
