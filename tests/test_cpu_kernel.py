@@ -1,7 +1,8 @@
-"""What is particular to the fused CPU backend (lion8bit/kernels/cpu_lion): its two builds, its
+"""What is particular to the fused CPU backend (lion8bit/kernels/cpu_lion): its builds, its
 requantizer, and its registration. Its results for every option, dtype, format and size are
 checked by the conformance suite, tests/test_backends.py, on the native build (AVX-512 here);
-here the portable build (the loops other CPUs run) gets every 7th option combination.
+here a build without VBMI / DQ / BF16 and the portable build (the loops other CPUs run) get every
+7th option combination.
 """
 
 import shutil
@@ -21,14 +22,17 @@ from lion8bit.reference import lion_scalars
 from helpers import LR, OPTIONS, TAILS, batch, group_of, option_id, step_and_compare
 from test_quant import _boundary_values, brute_force_codes
 
-BUILDS = {"native": (), "portable": ("-mno-avx512f",)}
+# "older-avx512": AVX-512 without VBMI, DQ and BF16 (as on Skylake-SP): the 16-lane code lookup,
+# the binary-search requantizer and the integer bf16 rounding in the vector step.
+BUILDS = {"native": (), "older-avx512": ("-mno-avx512vbmi", "-mno-avx512dq", "-mno-avx512bf16"),
+          "portable": ("-mno-avx512f",)}
 _loaded = {}
 
 
 @pytest.fixture(params=list(BUILDS))
 def kernel(request, monkeypatch):
-    """Which build of the library the registered "cpu" backend calls: -march=native, or without
-    AVX-512."""
+    """Which build of the library the registered "cpu" backend calls: -march=native, without
+    some AVX-512 extensions, or without AVX-512."""
     if request.param not in _loaded:
         _loaded[request.param] = cpu_build.load(cpu_build.build(extra_flags=BUILDS[request.param]))
     monkeypatch.setitem(cpu_lion._RUNTIME, "library", _loaded[request.param])
@@ -43,12 +47,13 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("build", ["older-avx512", "portable"])
 @pytest.mark.parametrize("options", OPTIONS[::7], ids=option_id)
-def test_portable_build_is_bit_exact(options):
-    if "portable" not in _loaded:
-        _loaded["portable"] = cpu_build.load(cpu_build.build(extra_flags=BUILDS["portable"]))
+def test_other_builds_are_bit_exact(options, build):
+    if build not in _loaded:
+        _loaded[build] = cpu_build.load(cpu_build.build(extra_flags=BUILDS[build]))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(cpu_lion._RUNTIME, "library", _loaded["portable"])
+        patch.setitem(cpu_lion._RUNTIME, "library", _loaded[build])
         generator = torch.Generator().manual_seed(hash(options) % 2**31)
         step_and_compare("cpu", *batch(TAILS, generator), group_of(*options))
 

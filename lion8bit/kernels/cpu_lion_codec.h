@@ -219,6 +219,9 @@ inline __m128i searched_codes16(__m512 value, const Registers& r) {
 
 // nearest_code of 16 values: the arithmetic path (struct Arithmetic), else the search.
 inline __m128i nearest_codes16(__m512 value, const Registers& r) {
+#if !(defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+  return searched_codes16(value, r);  // vreduceps, vpmovd2m and byte blends need these
+#else
   const Arithmetic& a = r.arithmetic;
   if (!a.exact) return searched_codes16(value, r);
   __m512i bits = _mm512_castps_si512(value);
@@ -242,6 +245,7 @@ inline __m128i nearest_codes16(__m512 value, const Registers& r) {
   const __m128i zero_code = _mm_set1_epi8(127);
   __m128i code = _mm_mask_blend_epi8(_mm512_movepi32_mask(bits), _mm_add_epi8(small, zero_code), _mm_subs_epu8(zero_code, small));
   return _mm_mask_mov_epi8(code, _mm512_testn_epi32_mask(magnitude_bits, magnitude_bits), zero_code);
+#endif
 }
 
 #endif
