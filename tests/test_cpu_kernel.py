@@ -1,7 +1,8 @@
-"""What is particular to the fused CPU backend (lion8bit/kernels/cpu_lion): its two builds, its
+"""What is particular to the fused CPU backend (lion8bit/kernels/cpu_lion): its builds, its
 requantizer, and its registration. Its results for every option, dtype, format and size are
 checked by the conformance suite, tests/test_backends.py, on the native build (AVX-512 here);
-here the portable build (the loops other CPUs run) gets every 7th option combination.
+here a build without VBMI / DQ / BF16 and the portable build (the loops other CPUs run) get every
+7th option combination.
 """
 
 import shutil
@@ -32,14 +33,17 @@ from helpers import (
 )
 from test_quant import _boundary_values, brute_force_codes
 
-BUILDS = {"native": (), "portable": ("-mno-avx512f",)}
+# "older-avx512": AVX-512 without VBMI, DQ and BF16 (as on Skylake-SP): the 16-lane code lookup,
+# the binary-search requantizer and the integer bf16 rounding in the vector step.
+BUILDS = {"native": (), "older-avx512": ("-mno-avx512vbmi", "-mno-avx512dq", "-mno-avx512bf16"),
+          "portable": ("-mno-avx512f",)}
 _loaded = {}
 
 
 @pytest.fixture(params=list(BUILDS))
 def kernel(request, monkeypatch):
-    """Which build of the library the registered "cpu" backend calls: -march=native, or without
-    AVX-512."""
+    """Which build of the library the registered "cpu" backend calls: -march=native, without
+    some AVX-512 extensions, or without AVX-512."""
     if request.param not in _loaded:
         _loaded[request.param] = cpu_build.load(cpu_build.build(extra_flags=BUILDS[request.param]))
     monkeypatch.setitem(cpu_lion._RUNTIME, "library", _loaded[request.param])
@@ -54,26 +58,22 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("build", ["older-avx512", "portable"])
 @pytest.mark.parametrize("options", OPTIONS[::7], ids=option_id)
-def test_portable_build_is_bit_exact(options):
-    if "portable" not in _loaded:
-        _loaded["portable"] = cpu_build.load(cpu_build.build(extra_flags=BUILDS["portable"]))
+def test_other_builds_are_bit_exact(options, build):
+    if build not in _loaded:
+        _loaded[build] = cpu_build.load(cpu_build.build(extra_flags=BUILDS[build]))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(cpu_lion._RUNTIME, "library", _loaded["portable"])
+        patch.setitem(cpu_lion._RUNTIME, "library", _loaded[build])
         generator = torch.Generator().manual_seed(hash(options) % 2**31)
         step_and_compare("cpu", *batch(TAILS, generator), group_of(*options))
 
 
-def test_requantizer_equals_brute_force(kernel):
-    """Codes of chosen values: beta2 = 0 makes the new momentum the gradient, and a 1.0 in
-    every block makes its absmax 1, so the kernel quantizes exactly these values."""
-    values = _boundary_values()
-    values = values[values.abs() <= 1.0]
-    scales = torch.logspace(-9, 0, 2000, dtype=torch.float64).float()
-    values = torch.cat([values, scales, -scales, torch.rand(4000) * 2 - 1, (torch.rand(2000) * 2 - 1) * 1e-5])
-    per_block = quant.BLOCK_SIZE - 1
-    values = torch.cat([values, torch.zeros(-values.numel() % per_block)])
-    blocks = values.view(-1, per_block)
+def _kernel_codes(values: torch.Tensor) -> torch.Tensor:
+    """The codes the kernel gives values in [-1, 1]: beta2 = 0 makes the new momentum the
+    gradient, and a 1.0 in every block makes its absmax 1, so it quantizes exactly these values."""
+    per_block, count = quant.BLOCK_SIZE - 1, values.numel()
+    blocks = torch.cat([values, torch.zeros(-count % per_block)]).view(-1, per_block)
     grad = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
     param = torch.zeros_like(grad)
     entry = {mom.STEP: 1, **mom.new_momentum(param, "8bit", quant.BLOCK_SIZE)}
@@ -81,8 +81,41 @@ def test_requantizer_equals_brute_force(kernel):
     lion([param], [grad], [entry], ["8bit"], scalars=lion_scalars(group), block_size=quant.BLOCK_SIZE,
          stochastic_rounding=False, backend="cpu")
     assert torch.equal(entry[mom.MOMENTUM_ABSMAX], torch.ones(blocks.shape[0]))
-    codes = entry[mom.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:]
-    assert torch.equal(codes.reshape(-1), brute_force_codes(blocks.reshape(-1)))
+    return entry[mom.MOMENTUM_CODES].view(-1, quant.BLOCK_SIZE)[:, 1:].reshape(-1)[:count]
+
+
+def test_requantizer_equals_brute_force(kernel):
+    values = _boundary_values()
+    values = values[values.abs() <= 1.0]
+    scales = torch.logspace(-9, 0, 2000, dtype=torch.float64).float()
+    values = torch.cat([values, scales, -scales, torch.rand(4000) * 2 - 1, (torch.rand(2000) * 2 - 1) * 1e-5])
+    assert torch.equal(_kernel_codes(values), brute_force_codes(values))
+
+
+def _ulps_away(points: torch.Tensor, steps: int) -> torch.Tensor:
+    """fp32 points moved by `steps` ulps (toward +inf for steps > 0)."""
+    bits = points.float().view(torch.int32)
+    return (bits + torch.where(points >= 0, steps, -steps)).view(torch.float32)
+
+
+def test_requantizer_arithmetic_path_around_every_threshold(kernel):
+    """The native build computes codes arithmetically and searches only where |x| is within
+    2**-12 (in code units) of a threshold: values up to 4096 ulps from every threshold cross
+    that margin on both sides in every decade. Also octave and decade edges (the tables switch
+    there), zeros and the smallest normal and subnormal values."""
+    thresholds = quant.decision_thresholds()
+    positive = thresholds[thresholds > 0].float()
+    steps = [2**k for k in range(13)] + [3 * 2**k for k in range(11)]
+    offsets = [0] + steps + [-k for k in steps]
+    near = torch.cat([_ulps_away(positive, k) for k in offsets])
+    octaves, decades = torch.arange(-40, 1, dtype=torch.float64), torch.arange(-8, 1, dtype=torch.float64)
+    edges = torch.cat([2.0**octaves, 10.0**decades]).float()
+    edges = torch.cat([_ulps_away(edges, k) for k in (-2, -1, 0, 1, 2)])
+    tiny = torch.tensor([0.0, 1e-45, 1.1754942e-38, 1.1754944e-38, 1e-38, 1e-30])
+    values = torch.cat([near, edges, tiny])
+    values = values[values <= 1.0]
+    values = torch.cat([values, -values])
+    assert torch.equal(_kernel_codes(values), brute_force_codes(values))
 
 
 def test_requantizer_search_levels_hold_every_threshold_once():

@@ -12,12 +12,14 @@
 // the compiler vectorizes (load and convert, the update, store and round), staged in fp32
 // buffers in L1 where a dtype or the 8-bit format needs converting, in place for fp32 tensors.
 // Where the compiler targets AVX-512, the 8-bit step of fp32 / bf16 tensors runs 16 lanes at a
-// time in registers (step_8bit_vectors) and (de)quantization uses permutes; portable loops
+// time in registers (step_8bit_vectors), codes are decoded by permutes and encoded by
+// arithmetic on the codebook's decades (a binary search near thresholds); portable loops
 // do the rest. Each element's param, grad and momentum are read once and written once.
 //
 // The pieces: cpu_lion_elements.h (descriptors, conversions, rounding, the scalar requantizer),
-// cpu_lion_stages.h (stage loops and the update), cpu_lion_vectors.h (the AVX-512 8-bit step),
-// cpu_lion_nibbles.h (the 4-bit format: its stages and its AVX-512 step); this file splits the work across threads and holds the two entry points.
+// cpu_lion_codec.h (the AVX-512 8-bit codec), cpu_lion_stages.h (stage loops and the update),
+// cpu_lion_vectors.h (the AVX-512 8-bit step), cpu_lion_nibbles.h (the 4-bit format: its stages
+// and its AVX-512 step); this file splits the work across threads and holds the two entry points.
 
 #include <atomic>
 #include <thread>
@@ -97,7 +99,12 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
                           const float* scalars, int64_t flags, int64_t block_size,
                           const float* codebook, const float* levels, int64_t num_threads) {
   const Options o = options_of(scalars, flags, block_size);
+#if defined(__AVX512F__)
+  const CodecTables codec(codebook, levels);  // ~1 us: once per call
+  const Tables t{codebook, levels, &codec};
+#else
   const Tables t{codebook, levels};
+#endif
   const int64_t chunk = std::max(o.stage, CHUNK);
   auto items = items_of(tensors, count, chunk);
   run_parallel(items, num_threads, o.stage, [&](const Item& item, float* buffers) {

