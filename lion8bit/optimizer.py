@@ -181,7 +181,7 @@ class Lion(Optimizer):
             group.setdefault("decoupled_initial_lr", float(group["lr"]))
         self.__dict__.setdefault("_paged_warned", False)
         self._block_sizes = {}  # loaded state: check it at the next step
-        self._plans = None
+        self._plans = None  # the next full step makes them (an unpickled or copied optimizer comes here)
 
     # -- state ---------------------------------------------------------------------------------
 
