@@ -42,6 +42,7 @@ _options = operator.itemgetter(
     "state", "min_8bit_size", "block_size", "backend", "paged", "stochastic_rounding", "skip_nonfinite", "capturable"
 )
 _grad, _shape, _is = operator.attrgetter("grad"), operator.attrgetter("shape"), operator.is_
+_absmax_of = operator.itemgetter(mom.MOMENTUM_ABSMAX)
 
 
 def _plain_group(group: dict) -> bool:
@@ -67,6 +68,11 @@ class _Plan:
         self.params, self.entries, self.formats = (
             (bucket.params, bucket.entries, bucket.formats) if bucket else ([], [], [])
         )
+        # Each entry's buffer and which ones have an absmax, so that a group of mixed formats
+        # (8-bit weights, fp32 biases under min_8bit_size) is read with C-level passes too.
+        self.buffer_keys = [mom.MOMENTUM_CODES if fmt == "8bit" else mom.MOMENTUM for fmt in self.formats]
+        self.eight_bit = [fmt == "8bit" for fmt in self.formats]
+        self.codes = [cpu_lion._FORMATS.get(fmt) for fmt in self.formats]
         self.rows = None  # the kernel's checked descriptor rows, made at the first planned step
 
     def check(self, state):
@@ -94,9 +100,10 @@ class _Plan:
             return None
         if kernels.resolve(group["backend"], _CPU) is not self.backend:
             return None
-        buffers, absmaxes, codes = self.cpu._arguments(entries, self.formats, len(params))
+        buffers = list(map(operator.getitem, entries, self.buffer_keys))
+        absmaxes = list(map(_absmax_of, compress(entries, self.eight_bit)))
         self.rows, rows, positions = self.cpu.planned_rows(
-            self.rows, params, grads, buffers, absmaxes, codes, group["block_size"]
+            self.rows, params, grads, buffers, absmaxes, self.codes, group["block_size"]
         )
         return params, entries, lion_scalars(group), rows, positions
 
@@ -150,7 +157,7 @@ def build(optimizer, stepped: dict) -> list[_Plan] | None:
                 return None
         plan = _Plan(group, bucket, backend)
         with_grads = list(compress(plan.group_params, plan.mask)) if plan.mask else plan.group_params
-        if len(with_grads) != len(plan.params) or not all(map(_is, with_grads, plan.params)):
+        if None in plan.codes or len(with_grads) != len(plan.params) or not all(map(_is, with_grads, plan.params)):
             return None  # the grads were read again: a plan describes exactly what this step collected
         plans.append(plan)
     return plans

@@ -32,9 +32,12 @@ def planned_steps(monkeypatch):
     return calls
 
 
-def make(cls, dtypes=(torch.float32,) * 4, **options):
+def make(cls, dtypes=(torch.float32,) * 4, shapes=((8, 8),) * 4, **options):
     generator = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(8, 8, generator=generator).to(d)) for d in dtypes]
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+        for dtype, shape in zip(dtypes, shapes, strict=True)
+    ]
     for p in params:
         p.grad_dtype = None  # torch >= 2.10 refuses a grad of another dtype unless allowed
     options = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=32, backend="cpu") | options
@@ -74,8 +77,18 @@ def lockstep(change, every_step=False, **options):
     return pairs[0][1]
 
 
-def test_steady_steps_are_planned_and_exact(planned_steps):
-    lockstep(lambda params, optimizer, seed: set_grads(params, seed))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(shapes=((8, 8), (3,), (8, 8), (0,))),  # 8-bit and fp32 (under min_8bit_size) in one group
+        dict(state="bf16", dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)),
+        dict(state="fp32", maximize=True, cautious_weight_decay=True, decoupled_weight_decay=True),
+    ],
+    ids=["8bit", "mixed", "bf16", "fp32"],
+)
+def test_steady_steps_are_planned_and_exact(planned_steps, options):
+    lockstep(lambda params, optimizer, seed: set_grads(params, seed), **options)
     assert len(planned_steps) == 5  # the first step collects; the other 5 are planned
 
 
