@@ -1,11 +1,13 @@
 """Step plans: a group stepped on the fused CPU backend without being collected again.
 
 A training loop steps the same params, state entries and momentum buffers every step, with new
-grads. Collecting a group again (per param: grad checks, format, state lookup, row building in
-:meth:`lion8bit.Lion.step`) cost 1.4 of 3.4 us per tensor of 64 elements in
-``benchmarks/host_cost.py``, more than torch.optim.AdamW(fused=True) spends around its kernel.
-A plan keeps what the last full step collected for a group and checks, with C-level passes
-over the group's lists, that it still holds:
+grads. Collecting a group again is per-param Python (grad checks, format, state lookup, rows
+in :meth:`lion8bit.Lion.step`): on 300 tensors of 64 elements, one thread, ``_collect`` alone
+took 0.87 of a step's 3.41 us per tensor and the C++ kernel 0.19, against 3.59 for
+torch.optim.AdamW(fused=True) (timeit, same run). With plans, the same step measured 0.53-0.60x
+fused AdamW against 0.94-1.02x before (median of 9 interleaved rounds, 3 runs each; shared
+2-core machine). A plan keeps what the last full step collected for a group and checks, with
+C-level passes over the group's lists, that it still holds:
 
 - the group dict, the options that decide collection (all but lr and the step's scalars) and
   its params list (the same objects, in order);
