@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, kernels, paged, quant, reshard, shard_blocks, sharded
+from . import checkpoint, kernels, paged, plans, quant, reshard, shard_blocks, sharded
 from . import momentum as mom
 from .functional import lion
 from .options import DEFAULTS, PARAM_DTYPES, check_group_options, compat_options, param_label
@@ -148,6 +148,7 @@ class Lion(Optimizer):
         check_group_options(defaults)
         self._paged_warned = False
         self._block_sizes: dict[int, int] = {}  # id(group) -> the block_size its state was checked for
+        self._plans = None  # lion8bit.plans: what the last full step collected, checked each step
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -180,6 +181,7 @@ class Lion(Optimizer):
             group.setdefault("decoupled_initial_lr", float(group["lr"]))
         self.__dict__.setdefault("_paged_warned", False)
         self._block_sizes = {}  # loaded state: check it at the next step
+        self._plans = None  # the next full step makes them (an unpickled or copied optimizer comes here)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -259,8 +261,11 @@ class Lion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if not torch.compiler.is_compiling() and plans.step(self):
+            return loss
         collected = self._collect()  # every check first: an error leaves the optimizer unchanged
         skip = self._nonfinite_flag(collected)
+        stepped = {}  # id(group) -> its buckets, for lion8bit.plans
         for group, params in collected:
             rows: dict[torch.device, list[tuple]] = defaultdict(list)  # (param, local param, grad, entry, fmt)
             sharded_devices = set()  # devices with DTensor params: their buckets step through shard_blocks
@@ -300,6 +305,7 @@ class Lion(Optimizer):
                 (device in sharded_devices, _Bucket(*map(list, zip(*device_rows, strict=True))))
                 for device, device_rows in rows.items()
             ]
+            stepped[id(group)] = buckets
             scalars = lion_scalars(group)
             for has_shards, bucket in buckets:
                 # Paged state: one tensor at a time, each prefetched (asynchronously, on the
@@ -313,6 +319,8 @@ class Lion(Optimizer):
             for counter in skip_counters:
                 counter.add_(skip.to(counter.device, non_blocking=True))
             self._block_sizes[id(group)] = group["block_size"]
+        if not torch.compiler.is_compiling():
+            self._plans = plans.build(self, stepped)
         return loss
 
     @staticmethod

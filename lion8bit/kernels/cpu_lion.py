@@ -204,6 +204,34 @@ class _Rows:
     def fits(self, params, buffers, absmaxes) -> bool:
         return _facts(params, buffers, absmaxes) == self.facts
 
+    def with_grads(self, grads, rounding_keys):
+        """These rows with the grads' pointers and dtypes (and the keys), or None if the grads
+        are not what the kernel takes for these params (the full check then names the tensor)."""
+        positions = self.positions
+        grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
+        if not (
+            list(map(_numel, grads)) == self.numels
+            and all(map(_is_cpu, grads))
+            and all(map(_contiguous, grads))
+            and (
+                grad_types == self.param_types
+                or all(g == p or g == 0 for g, p in zip(grad_types, self.param_types, strict=True))
+            )
+        ):
+            return None
+        rows = array.array("q", self.rows)
+        if self.every:
+            rows[1::_FIELDS] = array.array("q", map(_data_ptr, grads))
+            rows[6::_FIELDS] = array.array("q", grad_types)
+        else:
+            rows[1::_FIELDS] = array.array("q", [grads[i].data_ptr() for i in positions])
+            rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
+        if rounding_keys is not None:
+            keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
+            rows[8::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
+            rows[9::_FIELDS] = array.array("q", [keys[i][1] for i in positions])
+        return rows
+
 
 def _facts(params, buffers, absmaxes):
     # What a kernel relies on and a caller could change behind the same Python objects
@@ -234,30 +262,42 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
             _ROWS.clear()
         _ROWS[key] = _Rows(params, buffers, absmaxes, rows, positions)
         return rows, positions
-    positions = cached.positions
-    grad_types = list(map(_DTYPES.get, map(_dtype, grads)))
-    if not (
-        list(map(_numel, grads)) == cached.numels
-        and all(map(_is_cpu, grads))
-        and all(map(_contiguous, grads))
-        and (
-            grad_types == cached.param_types
-            or all(g == p or g == 0 for g, p in zip(grad_types, cached.param_types, strict=True))
-        )
-    ):
+    rows = cached.with_grads(grads, rounding_keys)
+    if rows is None:
         return _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, (), block_size)
-    rows = array.array("q", cached.rows)
-    if cached.every:
-        rows[1::_FIELDS] = array.array("q", map(_data_ptr, grads))
-        rows[6::_FIELDS] = array.array("q", grad_types)
-    else:
-        rows[1::_FIELDS] = array.array("q", [grads[i].data_ptr() for i in positions])
-        rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
-    if rounding_keys is not None:
-        keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
-        rows[8::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
-        rows[9::_FIELDS] = array.array("q", [keys[i][1] for i in positions])
-    return rows, positions
+    return rows, cached.positions
+
+
+def planned_rows(cached: _Rows | None, params, grads, buffers, absmaxes, codes, block_size: int):
+    """(rows object, descriptor rows, positions) for a caller that keeps the rows object itself
+    (:mod:`lion8bit.plans`: the same params and buffers step after step, so no cache key of
+    their ids is made and hashed). Raises ValueError, before anything is written, if a tensor
+    fails the kernel's checks."""
+    if cached is None or not cached.fits(params, buffers, absmaxes):
+        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, None, (), block_size)
+        return _Rows(params, buffers, absmaxes, rows, positions), rows, positions
+    rows = cached.with_grads(grads, None)
+    if rows is None:
+        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, None, (), block_size)
+        return cached, rows, positions
+    return cached, rows, cached.positions
+
+
+def launch(descriptors, positions, step_scalars: torch.Tensor, flags: int, block_size: int, steps=None) -> None:
+    """Run the step on validated descriptor rows (:func:`planned_rows`, :func:`_cached_rows`)."""
+    if not positions:
+        return
+    _RUNTIME["library"].lion8bit_cpu_step(
+        _address(descriptors, cpu_build.INT64_P),
+        len(positions),
+        None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
+        _pointer(step_scalars, cpu_build.FLOAT_P),
+        flags,
+        block_size,
+        _pointer(quant.codebook(), cpu_build.FLOAT_P),
+        _pointer(_RUNTIME["levels"], cpu_build.FLOAT_P),
+        torch.get_num_threads(),
+    )
 
 
 def _cpu_step(
@@ -281,18 +321,7 @@ def _cpu_step(
     steps = None
     if cautious_steps is not None:
         steps = cautious_steps[positions].float().contiguous()
-    scalars = step_scalars.float().contiguous()
-    _RUNTIME["library"].lion8bit_cpu_step(
-        _address(descriptors, cpu_build.INT64_P),
-        len(positions),
-        None if steps is None else _pointer(steps, cpu_build.FLOAT_P),
-        _pointer(scalars, cpu_build.FLOAT_P),
-        flags,
-        block_size,
-        _pointer(quant.codebook(), cpu_build.FLOAT_P),
-        _pointer(_RUNTIME["levels"], cpu_build.FLOAT_P),
-        torch.get_num_threads(),
-    )
+    launch(descriptors, positions, step_scalars.float().contiguous(), flags, block_size, steps)
 
 
 def _cpu_aligned_counts(
