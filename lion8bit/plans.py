@@ -48,8 +48,10 @@ _absmax_of = operator.itemgetter(mom.MOMENTUM_ABSMAX)
 
 
 def _plain_group(group: dict) -> bool:
+    # "4bit" rounds its momentum stochastically every step: the full path makes its keys.
     return not (
-        group["paged"] or group["stochastic_rounding"] or group["skip_nonfinite"] or group["capturable"]
+        group["paged"] or group["stochastic_rounding"] or group["state"] == "4bit"
+        or group["skip_nonfinite"] or group["capturable"]
         or group.get("cautious_factor", 1.0) < 1.0 or isinstance(group["lr"], torch.Tensor)
     )
 

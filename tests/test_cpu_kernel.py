@@ -16,7 +16,7 @@ import torch
 from lion8bit import kernels, quant
 from lion8bit import momentum as mom
 from lion8bit.functional import lion
-from lion8bit.kernels import cpu_build, cpu_lion
+from lion8bit.kernels import cpu_build, cpu_lion, cpu_tables
 from lion8bit.reference import lion_scalars
 
 from helpers import (
@@ -119,8 +119,8 @@ def test_requantizer_arithmetic_path_around_every_threshold(kernel):
 
 
 def test_requantizer_search_levels_hold_every_threshold_once():
-    levels = cpu_lion.requantizer_levels()
-    used = torch.cat([levels[o : o + 2**k] for k, o in enumerate(cpu_lion._LEVEL_OFFSETS)] + [levels[1:2]])
+    levels = cpu_tables.requantizer_levels()
+    used = torch.cat([levels[o : o + 2**k] for k, o in enumerate(cpu_tables._LEVEL_OFFSETS)] + [levels[1:2]])
     thresholds = quant.decision_thresholds()[quant.ZERO_CODE :]
     assert used.numel() == used.unique().numel() == thresholds.numel() == 128
     # Each is the largest fp32 at or below its float64 threshold.

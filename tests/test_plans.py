@@ -92,6 +92,12 @@ def test_steady_steps_are_planned_and_exact(planned_steps, options):
     assert len(planned_steps) == 5  # the first step collects; the other 5 are planned
 
 
+def test_4bit_groups_take_the_full_path_for_their_rounding_keys(planned_steps):
+    # 4-bit momentum rounds stochastically with keys of each step's count: a plan has none
+    lockstep(lambda params, optimizer, seed: set_grads(params, seed), state="4bit", shapes=((8, 8), (3,), (8, 8), (0,)))
+    assert planned_steps == []
+
+
 def test_a_grad_that_vanishes_or_appears_is_seen():
     def vanish(params, optimizer, seed):
         set_grads(params, seed)
@@ -121,6 +127,7 @@ def test_fp32_grads_of_bf16_params_and_back():
         lambda group, params: group.update(lr=0.5),
         lambda group, params: group.update(lr=torch.tensor(0.5)),
         lambda group, params: group.update(state="bf16"),
+        lambda group, params: group.update(state="4bit"),
         lambda group, params: group.update(min_8bit_size=4096),
         lambda group, params: group.update(stochastic_rounding=True),
         lambda group, params: group.update(skip_nonfinite=True),
@@ -131,7 +138,8 @@ def test_fp32_grads_of_bf16_params_and_back():
         lambda group, params: group.update(params=group["params"][:2]),
     ],
     ids=[
-        "lr", "tensor-lr", "state", "min_8bit_size", "sr", "skip", "maximize", "cautious", "pop", "reverse", "new-list"
+        "lr", "tensor-lr", "state", "state-4bit", "min_8bit_size", "sr", "skip", "maximize", "cautious", "pop",
+        "reverse", "new-list",
     ],
 )
 def test_an_edited_group_is_seen(edit):
