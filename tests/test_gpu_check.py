@@ -37,18 +37,19 @@ def test_the_dry_run_writes_a_report_and_a_csv_of_every_part(tmp_path):
     # backend="cpu" against the reference, through the public API: every state kind, param dtype
     # and option set, bit for bit.
     bit_exact = [row for row in rows if row["part"] == "bit-exact"]
-    states, dtypes = ("8bit", "bf16", "fp32"), ("float32", "bfloat16", "float16")
+    states, dtypes = ("8bit", "4bit", "bf16", "fp32"), ("float32", "bfloat16", "float16")
     kinds = {(state, dtype) for state in states for dtype in dtypes}
     assert {(row["state"], row["param_dtype"]) for row in bit_exact} == kinds
-    assert len(bit_exact) == 27
+    assert len(bit_exact) == 36
     assert {(row["status"], row["mismatches"]) for row in bit_exact} == {("ok", "0")}
 
     # The speed rows of the small CPU problem: the floor's bytes per element are DESIGN.md
-    # section 4's table for fp32 params (14 + 8/256 absmax bytes, 16, 20).
+    # section 4's table for fp32 params (14 + 8/256 absmax bytes, 16, 20); 4-bit: 12 + 0.5 + 0.5 for
+    # the codes, + 2 x 2/32 for the bf16 absmax.
     speed = {row["optimizer"]: row for row in rows if row["part"] == "speed-tensor" and row["status"] == "ok"}
     assert set(speed) == {f"lion8bit cpu {state}" for state in states} | {"AdamW fused", "AdamW foreach"}
     per_element = {state: float(speed[f"lion8bit cpu {state}"]["bytes_moved"]) / 256**2 for state in states}
-    assert per_element == {"8bit": 14 + 8 / 256, "bf16": 16, "fp32": 20}
+    assert per_element == {"8bit": 14 + 8 / 256, "4bit": 13 + 4 / 32, "bf16": 16, "fp32": 20}
     assert all(float(row["median_ms"]) > 0 and float(row["floor_ms"]) > 0 for row in speed.values())
     assert float(speed["AdamW fused"]["x_adamw_fused"]) == 1
 
