@@ -228,14 +228,10 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
   uint16_t* absmax = reinterpret_cast<uint16_t*>(d[ABSMAX_PTR]);
   const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE], offset = d[ELEMENT_OFFSET];
   const bool stochastic_param = param_key >= 0 && param_dtype == BF16, nearest_momentum = momentum_key < 0;
-  const __m512 beta1 = _mm512_set1_ps(o.beta1), one_minus_beta1 = _mm512_set1_ps(o.one_minus_beta1),
-               beta2 = _mm512_set1_ps(o.beta2), one_minus_beta2 = _mm512_set1_ps(o.one_minus_beta2),
-               decay = _mm512_set1_ps(o.decay), aligned = _mm512_set1_ps(aligned_step),
-               misaligned = _mm512_set1_ps(misaligned_step), zero = _mm512_setzero_ps(),
-               levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0.5f);
+  const Update16 k(o, aligned_step, misaligned_step);
+  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0.5f);
   const Buckets4 buckets;
-  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)),
-                unit = _mm512_set1_epi32(0x3F800000), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // Element keys of the indices' upper 32 bits, made again only where they change (a block, 32
   // aligned in the whole parameter, never straddles a multiple of 2**32).
@@ -269,30 +265,15 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
     for (int v = 0; v < 2; ++v) {
       const int64_t i = b + 16 * v;
       __m512 g = load16(grad, grad_dtype, i);
-      if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
       __m512 m = _mm512_mul_ps(levels16(codes + i / 2, levels), scale);
-      __m512 p = load16(param, param_dtype, i);
-      __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
-      __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
-          _mm512_cmp_ps_mask(c, zero, _CMP_NEQ_OQ),
-          _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), sign_bit), unit)));
-      __m512 step = aligned, direction = u;
-      if (cautious) {
-        __mmask16 agree = _mm512_cmp_ps_mask(_mm512_mul_ps(u, g), zero, _CMP_GT_OQ);
-        step = _mm512_mask_blend_ps(agree, misaligned, aligned);
-        if (o.masked_dont_move) direction = _mm512_maskz_mov_ps(agree, u);
-      }
-      __m512 decayed = _mm512_mul_ps(p, decay);
-      if (o.cautious_weight_decay)
-        decayed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(direction, p), zero, _CMP_GE_OQ), p, decayed);
-      p = _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
+      __m512 p = update16(load16(param, param_dtype, i), g, m, o, cautious, k);
       __m512i random = _mm512_setzero_si512();
       if (stochastic_param)
         random = mix32_16(_mm512_xor_si512(
             _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(index + 16 * v))), lanes),
             param_element_key));
       store16(param, param_dtype, i, p, stochastic_param, random);
-      m_new[v] = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
+      m_new[v] = m;
     }
     __m512i peak = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(m_new[0]), magnitude_mask),
                                     _mm512_and_si512(_mm512_castps_si512(m_new[1]), magnitude_mask));

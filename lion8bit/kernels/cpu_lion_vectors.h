@@ -58,6 +58,40 @@ inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochas
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), _mm512_cvtepi32_epi16(half));
 }
 
+// The constants of the 16-lane update, made once per call of a vector step.
+struct Update16 {
+  __m512 beta1, one_minus_beta1, beta2, one_minus_beta2, decay, aligned, misaligned, zero;
+  __m512i sign_bit, unit;
+  Update16(const Options& o, float aligned_step, float misaligned_step)
+      : beta1(_mm512_set1_ps(o.beta1)), one_minus_beta1(_mm512_set1_ps(o.one_minus_beta1)),
+        beta2(_mm512_set1_ps(o.beta2)), one_minus_beta2(_mm512_set1_ps(o.one_minus_beta2)),
+        decay(_mm512_set1_ps(o.decay)), aligned(_mm512_set1_ps(aligned_step)),
+        misaligned(_mm512_set1_ps(misaligned_step)), zero(_mm512_setzero_ps()),
+        sign_bit(_mm512_set1_epi32(static_cast<int32_t>(0x80000000u))), unit(_mm512_set1_epi32(0x3F800000)) {}
+};
+
+// update() of 16 lanes, shared by the 8-bit and the 4-bit vector steps: the grad g (maximize
+// applied here), the old momentum m and the param p give the new param (returned, before its
+// rounding to the param dtype) and the new momentum (m is replaced), in the reference's order.
+inline __m512 update16(__m512 p, __m512& g, __m512& m, const Options& o, bool cautious, const Update16& k) {
+  if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), k.sign_bit));
+  __m512 c = _mm512_add_ps(_mm512_mul_ps(m, k.beta1), _mm512_mul_ps(g, k.one_minus_beta1));
+  __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
+      _mm512_cmp_ps_mask(c, k.zero, _CMP_NEQ_OQ),
+      _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), k.sign_bit), k.unit)));
+  __m512 step = k.aligned, direction = u;
+  if (cautious) {
+    __mmask16 agree = _mm512_cmp_ps_mask(_mm512_mul_ps(u, g), k.zero, _CMP_GT_OQ);
+    step = _mm512_mask_blend_ps(agree, k.misaligned, k.aligned);
+    if (o.masked_dont_move) direction = _mm512_maskz_mov_ps(agree, u);
+  }
+  __m512 decayed = _mm512_mul_ps(p, k.decay);
+  if (o.cautious_weight_decay)
+    decayed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(direction, p), k.zero, _CMP_GE_OQ), p, decayed);
+  m = _mm512_add_ps(_mm512_mul_ps(m, k.beta2), _mm512_mul_ps(g, k.one_minus_beta2));
+  return _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
+}
+
 // The 8-bit step on whole blocks [start, end) of fp32, bf16 or fp16 params and grads (fp16 params
 // rounded to nearest; stochastic fp16 goes through the stages), 16 lanes at a
 // time: update() then encode_8bit(), the same operations in the same order, without staging
@@ -74,12 +108,8 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
   const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE];
   const bool stochastic = param_key >= 0 && param_dtype == BF16;
   const int64_t offset = d[ELEMENT_OFFSET];
-  const __m512 beta1 = _mm512_set1_ps(o.beta1), one_minus_beta1 = _mm512_set1_ps(o.one_minus_beta1),
-               beta2 = _mm512_set1_ps(o.beta2), one_minus_beta2 = _mm512_set1_ps(o.one_minus_beta2),
-               decay = _mm512_set1_ps(o.decay), aligned = _mm512_set1_ps(aligned_step),
-               misaligned = _mm512_set1_ps(misaligned_step), zero = _mm512_setzero_ps();
-  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u)),
-                unit = _mm512_set1_epi32(0x3F800000), magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
+  const Update16 k(o, aligned_step, misaligned_step);
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t b = start; b < end; b += o.block_size) {
     const __m512 scale = _mm512_set1_ps(absmax[b / o.block_size]);
@@ -94,29 +124,13 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
     auto vector = [&](int64_t v, __m512 code_value) {
       const int64_t i = b + v;
       __m512 g = load16(grad, grad_dtype, i);
-      if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign_bit));
       __m512 m = _mm512_mul_ps(code_value, scale);
-      __m512 p = load16(param, param_dtype, i);
-      __m512 c = _mm512_add_ps(_mm512_mul_ps(m, beta1), _mm512_mul_ps(g, one_minus_beta1));
-      __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
-          _mm512_cmp_ps_mask(c, zero, _CMP_NEQ_OQ),
-          _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(c), sign_bit), unit)));
-      __m512 step = aligned, direction = u;
-      if (cautious) {
-        __mmask16 agree = _mm512_cmp_ps_mask(_mm512_mul_ps(u, g), zero, _CMP_GT_OQ);
-        step = _mm512_mask_blend_ps(agree, misaligned, aligned);
-        if (o.masked_dont_move) direction = _mm512_maskz_mov_ps(agree, u);
-      }
-      __m512 decayed = _mm512_mul_ps(p, decay);
-      if (o.cautious_weight_decay)
-        decayed = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_mul_ps(direction, p), zero, _CMP_GE_OQ), p, decayed);
-      p = _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
+      __m512 p = update16(load16(param, param_dtype, i), g, m, o, cautious, k);
       __m512i random = _mm512_setzero_si512();
       if (stochastic)
         random = mix32_16(_mm512_xor_si512(
             _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(index + v))), lanes), element_key));
       store16(param, param_dtype, i, p, stochastic, random);
-      m = _mm512_add_ps(_mm512_mul_ps(m, beta2), _mm512_mul_ps(g, one_minus_beta2));
       _mm512_storeu_ps(buffer + v, m);
       peak = _mm512_max_epu32(peak, _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
     };
