@@ -34,13 +34,8 @@ from .reference import (
     rounding_keys_on_device,
 )
 
-# The momentum buffers of each format, as backends receive them.
-BUFFER_KEYS = {
-    "8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
-    "4bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
-    "bf16": (mom.MOMENTUM,),
-    "fp32": (mom.MOMENTUM,),
-}
+# The momentum buffers of each format, as backends receive them (lion8bit/momentum.py).
+BUFFER_KEYS = mom.BUFFER_KEYS
 
 
 class _Staging:

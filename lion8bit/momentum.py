@@ -34,6 +34,14 @@ MOMENTUM_ABSMAX = "momentum_absmax"
 SR_SEED = "sr_seed"  # int: stochastic-rounding seed of this param (with STEP: the RNG position)
 NONFINITE_SKIPS = "nonfinite_skips"  # int64 0-dim tensor: steps skipped for non-finite grads
 
+# The momentum buffers of each format: what the backends receive and update in place.
+BUFFER_KEYS = {
+    "8bit": (MOMENTUM_CODES, MOMENTUM_ABSMAX),
+    "4bit": (MOMENTUM_CODES, MOMENTUM_ABSMAX),
+    "bf16": (MOMENTUM,),
+    "fp32": (MOMENTUM,),
+}
+
 _DENSE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # With paged=True, the momentum of a (local) tensor of at least this many elements lives in CUDA

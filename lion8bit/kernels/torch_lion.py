@@ -19,12 +19,6 @@ def _with_device_scalars(scalars, step_scalars):
     return dataclasses.replace(scalars, **{name: step_scalars[i] for i, name in enumerate(STEP_SCALARS)})
 
 
-_BUFFERS = {
-    "8bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
-    "4bit": (mom.MOMENTUM_CODES, mom.MOMENTUM_ABSMAX),
-    "bf16": (mom.MOMENTUM,),
-    "fp32": (mom.MOMENTUM,),
-}
 
 
 def _keys(rounding_keys, index):
@@ -58,7 +52,7 @@ class TorchBackend:
         for index, (param, grad, momentum, fmt) in enumerate(zip(params, grads, momenta, formats, strict=True)):
             before = None
             if skip is not None:
-                before = param.clone(), {key: momentum[key].clone() for key in _BUFFERS[fmt]}
+                before = param.clone(), {key: momentum[key].clone() for key in mom.BUFFER_KEYS[fmt]}
             reference_step(
                 param, grad, momentum, scalars, fmt=fmt, block_size=block_size,
                 rounding_keys=_keys(rounding_keys, index),
