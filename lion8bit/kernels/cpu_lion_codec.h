@@ -227,14 +227,17 @@ inline __m128i nearest_codes16(__m512 value, const Registers& r) {
   __m512i bits = _mm512_castps_si512(value);
   __m512i magnitude_bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
   __m512 magnitude = _mm512_castsi512_ps(magnitude_bits);
-  // The octave of |x| clamped to [2**-31, 1]: the exponent's low 5 bits index the tables.
-  __m512i octave = _mm512_srli_epi32(
-      _mm512_min_epu32(_mm512_max_epu32(magnitude_bits, _mm512_set1_epi32(0x30000000)), _mm512_set1_epi32(0x3F800000)), 23);
+  // The octave of |x|, at least 2**-31: the exponent's low 5 bits index the tables. |x| <= 1 + 2**-23
+  // (block values times 1 / absmax) keeps the top octave without a clamp; NaN indexes anything,
+  // its t is NaN and takes the search below.
+  __m512i octave = _mm512_srli_epi32(_mm512_max_epu32(magnitude_bits, _mm512_set1_epi32(0x30000000)), 23);
   __m512i region = _mm512_permutex2var_epi32(a.region_low, octave, a.region_high);
   __mmask16 above = _mm512_cmp_ps_mask(magnitude, _mm512_permutex2var_ps(a.boundary_low, octave, a.boundary_high), _CMP_GT_OQ);
   region = _mm512_mask_add_epi32(region, above, region, _mm512_set1_epi32(1));
   __m512 t = _mm512_fmadd_ps(magnitude, _mm512_permutexvar_ps(region, a.slope), _mm512_permutexvar_ps(region, a.offset));
-  __m512i n = _mm512_min_epi32(_mm512_cvttps_epi32(t), _mm512_permutexvar_epi32(region, a.last));
+  // n = 0 for x = +-0 (code 127), which the tables put in region 0 (n = 1).
+  __m512i n = _mm512_maskz_min_epi32(_mm512_test_epi32_mask(magnitude_bits, magnitude_bits), _mm512_cvttps_epi32(t),
+                                     _mm512_permutexvar_epi32(region, a.last));
   // Near an integer (or NaN): the floor may be off by one there.
   __m512 distance = _mm512_castsi512_ps(_mm512_and_si512(
       _mm512_castps_si512(_mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT)), _mm512_set1_epi32(0x7FFFFFFF)));
@@ -243,8 +246,7 @@ inline __m128i nearest_codes16(__m512 value, const Registers& r) {
   // 127 + n for x > 0, 127 - n for x < 0 (at least 0: -1.0 is not a code), 127 for +-0.
   __m128i small = _mm512_cvtepi32_epi8(n);
   const __m128i zero_code = _mm_set1_epi8(127);
-  __m128i code = _mm_mask_blend_epi8(_mm512_movepi32_mask(bits), _mm_add_epi8(small, zero_code), _mm_subs_epu8(zero_code, small));
-  return _mm_mask_mov_epi8(code, _mm512_testn_epi32_mask(magnitude_bits, magnitude_bits), zero_code);
+  return _mm_mask_blend_epi8(_mm512_movepi32_mask(bits), _mm_add_epi8(small, zero_code), _mm_subs_epu8(zero_code, small));
 #endif
 }
 
