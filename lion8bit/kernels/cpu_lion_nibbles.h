@@ -220,14 +220,18 @@ inline void encode_4bit(const float* __restrict m, uint8_t* __restrict codes, ui
 // rounded to nearest; stochastic fp16 goes through the stages): decode, update() and
 // encode_4bit's operations in the same order, 16 lanes at a time, each block's 32 new momentum
 // values held in two registers until its absmax is known.
-void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_t end, bool cautious,
-                       float aligned_step, float misaligned_step, int64_t param_key, int64_t momentum_key) {
+// Dtypes and options as constants where they allow (with_constants, cpu_lion_vectors.h).
+template <int64_t PARAM, int64_t GRAD, bool DEFAULT_OPTIONS>
+void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int64_t end, bool cautious,
+                          float aligned_step, float misaligned_step, int64_t param_key, int64_t momentum_key) {
   void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
   const void* grad = reinterpret_cast<const void*>(d[GRAD_PTR]);
   uint8_t* codes = reinterpret_cast<uint8_t*>(d[MOMENTUM_PTR]);
   uint16_t* absmax = reinterpret_cast<uint16_t*>(d[ABSMAX_PTR]);
-  const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE], offset = d[ELEMENT_OFFSET];
-  const bool stochastic_param = param_key >= 0 && param_dtype == BF16, nearest_momentum = momentum_key < 0;
+  const int64_t param_dtype = PARAM == ANY_DTYPE ? d[PARAM_DTYPE] : PARAM;
+  const int64_t grad_dtype = GRAD == ANY_DTYPE ? d[GRAD_DTYPE] : GRAD, offset = d[ELEMENT_OFFSET];
+  const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
+  const bool nearest_momentum = momentum_key < 0;
   const Update16 k(o, aligned_step, misaligned_step);
   const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0.5f);
   const Buckets4 buckets;
@@ -266,7 +270,7 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
       const int64_t i = b + 16 * v;
       __m512 g = load16(grad, grad_dtype, i);
       __m512 m = _mm512_mul_ps(levels16(codes + i / 2, levels), scale);
-      __m512 p = update16(load16(param, param_dtype, i), g, m, o, cautious, k);
+      __m512 p = update16<DEFAULT_OPTIONS>(load16(param, param_dtype, i), g, m, o, cautious, k);
       __m512i random = _mm512_setzero_si512();
       if (stochastic_param)
         random = mix32_16(_mm512_xor_si512(
@@ -287,6 +291,17 @@ void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_
     held = Held{{m_new[0], m_new[1]}, scale_new, inverse_new, momentum_element_key, index};
   }
   if (end > start) encode(held);
+}
+
+struct Step4bitVectors {
+  template <int64_t PARAM, int64_t GRAD, bool DEFAULT_OPTIONS, typename... Args>
+  static void run(Args&&... args) { step_4bit_vectors_of<PARAM, GRAD, DEFAULT_OPTIONS>(args...); }
+};
+
+void step_4bit_vectors(const int64_t* d, const Options& o, int64_t start, int64_t end, bool cautious,
+                       float aligned_step, float misaligned_step, int64_t param_key, int64_t momentum_key) {
+  with_constants<Step4bitVectors>(d, default_options(o, cautious, param_key), d, o, start, end,
+                                  cautious, aligned_step, misaligned_step, param_key, momentum_key);
 }
 #endif
 

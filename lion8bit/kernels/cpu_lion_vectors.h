@@ -73,7 +73,19 @@ struct Update16 {
 // update() of 16 lanes, shared by the 8-bit and the 4-bit vector steps: the grad g (maximize
 // applied here), the old momentum m and the param p give the new param (returned, before its
 // rounding to the param dtype) and the new momentum (m is replaced), in the reference's order.
+// DEFAULT_OPTIONS: no maximize, caution or cautious weight decay (default_options). sign(c) * lr
+// is then c's sign bit on lr, or +0: one masked ternary logic instruction for sign(c)'s four and
+// the product, exact as the product is for the finite lr options.py accepts.
+template <bool DEFAULT_OPTIONS>
 inline __m512 update16(__m512 p, __m512& g, __m512& m, const Options& o, bool cautious, const Update16& k) {
+  if (DEFAULT_OPTIONS) {
+    __m512 c = _mm512_add_ps(_mm512_mul_ps(m, k.beta1), _mm512_mul_ps(g, k.one_minus_beta1));
+    __m512 signed_step = _mm512_castsi512_ps(_mm512_maskz_ternarylogic_epi32(  // (c & sign) | step
+        _mm512_cmp_ps_mask(c, k.zero, _CMP_NEQ_OQ), _mm512_castps_si512(c), k.sign_bit, _mm512_castps_si512(k.aligned), 0xEA));
+    __m512 decayed = _mm512_mul_ps(p, k.decay);
+    m = _mm512_add_ps(_mm512_mul_ps(m, k.beta2), _mm512_mul_ps(g, k.one_minus_beta2));
+    return _mm512_sub_ps(decayed, signed_step);
+  }
   if (o.maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), k.sign_bit));
   __m512 c = _mm512_add_ps(_mm512_mul_ps(m, k.beta1), _mm512_mul_ps(g, k.one_minus_beta1));
   __m512 u = _mm512_maskz_mov_ps(  // sign(c): 0 for +-0 and NaN
@@ -92,21 +104,51 @@ inline __m512 update16(__m512 p, __m512& g, __m512& m, const Options& o, bool ca
   return _mm512_sub_ps(decayed, _mm512_mul_ps(u, step));
 }
 
+// A vector step's param and grad dtypes as constants (ANY_DTYPE: read from the descriptor).
+constexpr int64_t ANY_DTYPE = -1;
+
+// Whether a vector step may take update16's DEFAULT_OPTIONS path (and no stochastic rounding of
+// params): the options most runs use.
+inline bool default_options(const Options& o, bool cautious, int64_t param_key) {
+  return !cautious && !o.maximize && !o.cautious_weight_decay && param_key < 0;
+}
+
+// Runs Step::run<PARAM, GRAD, DEFAULT_OPTIONS>(args...): dtype constants and the default options
+// where those hold, else one variant that reads both dtypes and every option at run time. The
+// constants drop the per-vector branches on dtypes and options: 0.87 -> 0.78 ns per element for
+// the bf16 8-bit step alone, 0.83 -> 0.70 with update16's default path and the requantizer's
+// two fewer instructions (2M elements, one thread, best of 300, builds alternated in one process).
+template <typename Step, int64_t PARAM, typename... Args>
+void with_grad_dtype(int64_t grad_dtype, Args&&... args) {
+  if (grad_dtype == F32) return Step::template run<PARAM, F32, true>(args...);
+  if (grad_dtype == BF16) return Step::template run<PARAM, BF16, true>(args...);
+  return Step::template run<PARAM, F16, true>(args...);
+}
+template <typename Step, typename... Args>
+void with_constants(const int64_t* d, bool defaults, Args&&... args) {
+  if (!defaults) return Step::template run<ANY_DTYPE, ANY_DTYPE, false>(args...);
+  if (d[PARAM_DTYPE] == F32) return with_grad_dtype<Step, F32>(d[GRAD_DTYPE], args...);
+  if (d[PARAM_DTYPE] == BF16) return with_grad_dtype<Step, BF16>(d[GRAD_DTYPE], args...);
+  return with_grad_dtype<Step, F16>(d[GRAD_DTYPE], args...);
+}
+
 // The 8-bit step on whole blocks [start, end) of fp32, bf16 or fp16 params and grads (fp16 params
 // rounded to nearest; stochastic fp16 goes through the stages), 16 lanes at a
 // time: update() then encode_8bit(), the same operations in the same order, without staging
 // every value in L1 between passes (39 vs 52 ms measured on 64M bf16 elements, 2 threads).
 // `buffer` holds one block of the new momentum until its absmax is known.
-void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int64_t start,
-                       int64_t end, bool cautious, float aligned_step, float misaligned_step,
-                       int64_t param_key, float* buffer) {
+template <int64_t PARAM, int64_t GRAD, bool DEFAULT_OPTIONS>
+void step_8bit_vectors_of(const int64_t* d, const Options& o, const Tables& t, int64_t start, int64_t end,
+                          bool cautious, float aligned_step, float misaligned_step, int64_t param_key,
+                          float* buffer) {
   const Registers r(t);
   void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
   const void* grad = reinterpret_cast<const void*>(d[GRAD_PTR]);
   uint8_t* codes = reinterpret_cast<uint8_t*>(d[MOMENTUM_PTR]);
   float* absmax = reinterpret_cast<float*>(d[ABSMAX_PTR]);
-  const int64_t param_dtype = d[PARAM_DTYPE], grad_dtype = d[GRAD_DTYPE];
-  const bool stochastic = param_key >= 0 && param_dtype == BF16;
+  const int64_t param_dtype = PARAM == ANY_DTYPE ? d[PARAM_DTYPE] : PARAM;
+  const int64_t grad_dtype = GRAD == ANY_DTYPE ? d[GRAD_DTYPE] : GRAD;
+  const bool stochastic = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
   const int64_t offset = d[ELEMENT_OFFSET];
   const Update16 k(o, aligned_step, misaligned_step);
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
@@ -125,7 +167,7 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
       const int64_t i = b + v;
       __m512 g = load16(grad, grad_dtype, i);
       __m512 m = _mm512_mul_ps(code_value, scale);
-      __m512 p = update16(load16(param, param_dtype, i), g, m, o, cautious, k);
+      __m512 p = update16<DEFAULT_OPTIONS>(load16(param, param_dtype, i), g, m, o, cautious, k);
       __m512i random = _mm512_setzero_si512();
       if (stochastic)
         random = mix32_16(_mm512_xor_si512(
@@ -154,6 +196,18 @@ void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int6
       _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b + v),
                        nearest_codes16(_mm512_mul_ps(_mm512_loadu_ps(buffer + v), inverse), r));
   }
+}
+
+struct Step8bitVectors {
+  template <int64_t PARAM, int64_t GRAD, bool DEFAULT_OPTIONS, typename... Args>
+  static void run(Args&&... args) { step_8bit_vectors_of<PARAM, GRAD, DEFAULT_OPTIONS>(args...); }
+};
+
+void step_8bit_vectors(const int64_t* d, const Options& o, const Tables& t, int64_t start,
+                       int64_t end, bool cautious, float aligned_step, float misaligned_step,
+                       int64_t param_key, float* buffer) {
+  with_constants<Step8bitVectors>(d, default_options(o, cautious, param_key), d, o, t, start, end,
+                                  cautious, aligned_step, misaligned_step, param_key, buffer);
 }
 
 }  // namespace
