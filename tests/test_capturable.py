@@ -48,7 +48,7 @@ def _assert_same(a, b, optimizer_a, optimizer_b):
 
 
 @pytest.mark.parametrize("backend", native_cpu_backends())
-@pytest.mark.parametrize("state", ["8bit", "bf16"])
+@pytest.mark.parametrize("state", ["8bit", "4bit", "bf16"])
 def test_a_tensor_lr_under_a_schedule_gives_the_float_lr_bits(backend, state):
     plain_model, capturable_model = _model(), _model()
     plain = Lion(plain_model.parameters(), lr=LR, state=state, backend=backend, **OPTIONS)
@@ -76,8 +76,9 @@ def test_a_tensor_lr_under_a_schedule_gives_the_float_lr_bits(backend, state):
 
 
 @pytest.mark.parametrize("backend", native_cpu_backends())
-def test_capturable_state_resumes_exactly_and_keeps_its_device_counters(backend):
-    options = dict(lr=torch.tensor(LR, dtype=torch.float64), backend=backend, capturable=True, **OPTIONS)
+@pytest.mark.parametrize("state", ["8bit", "4bit"])
+def test_capturable_state_resumes_exactly_and_keeps_its_device_counters(backend, state):
+    options = dict(lr=torch.tensor(LR, dtype=torch.float64), state=state, backend=backend, capturable=True, **OPTIONS)
     straight_model = _model()
     straight = Lion(straight_model.parameters(), **copy.deepcopy(options))
     for step in range(4):
@@ -107,7 +108,8 @@ _HOST_READS = ["item", "tolist", "numpy", "__bool__", "__int__", "__float__", "_
 
 
 @pytest.mark.parametrize("backend", native_cpu_backends())
-def test_a_capturable_step_reads_no_tensor_on_the_host(backend, monkeypatch):
+@pytest.mark.parametrize("state", ["8bit", "4bit"])
+def test_a_capturable_step_reads_no_tensor_on_the_host(backend, state, monkeypatch):
     """On CUDA each of these would wait for the device. The CPU kernel's launcher reads CPU
     tensors by definition (no device to wait for), so calls from it are allowed."""
     allowed = ("cpu_lion.py",)
@@ -124,7 +126,12 @@ def test_a_capturable_step_reads_no_tensor_on_the_host(backend, monkeypatch):
 
     model = _model()
     optimizer = Lion(
-        model.parameters(), lr=torch.tensor(LR, dtype=torch.float64), backend=backend, capturable=True, **OPTIONS
+        model.parameters(),
+        lr=torch.tensor(LR, dtype=torch.float64),
+        state=state,
+        backend=backend,
+        capturable=True,
+        **OPTIONS,
     )
     _set_grads(model, 0)
     optimizer.step()  # creating the state reads the lr once (a checkpointing step with lr 0 is not counted)
@@ -139,11 +146,12 @@ def test_a_capturable_step_reads_no_tensor_on_the_host(backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_steps_captured_in_a_cuda_graph_replay_as_eager_steps(backend):
+@pytest.mark.parametrize("state", ["8bit", "4bit"])
+def test_steps_captured_in_a_cuda_graph_replay_as_eager_steps(backend, state):
     if not kernels.available(backend):
         pytest.skip(f"backend={backend!r} is not available here")
     eager_model, graphed_model = _model("cuda"), _model("cuda")
-    lr = dict(lr=torch.tensor(LR, dtype=torch.float64, device="cuda"))
+    lr = dict(lr=torch.tensor(LR, dtype=torch.float64, device="cuda"), state=state)
     eager = Lion(eager_model.parameters(), backend=backend, capturable=True, **copy.deepcopy(lr), **OPTIONS)
     graphed = Lion(graphed_model.parameters(), backend=backend, capturable=True, **copy.deepcopy(lr), **OPTIONS)
     for model, optimizer in ((eager_model, eager), (graphed_model, graphed)):

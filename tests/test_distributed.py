@@ -58,6 +58,9 @@ FSDP_CONFIGS = [
     dict(state="8bit", model=Aligned, cautious_factor=0.3),
     dict(FOUR_BIT, stochastic_rounding=True, cautious_factor=0.0, dtype=torch.bfloat16),
     dict(FOUR_BIT, maximize=True, model=Aligned, cautious_factor=0.3),
+    # capturable=True: device step counters (and 4-bit rounding keys made from them) on shards
+    dict(state="8bit", capturable=True, cautious_factor=0.3),
+    dict(FOUR_BIT, capturable=True, cautious_factor=0.3, stochastic_rounding=True),
     # the group's state kind changed between steps: the sharded momentum is re-encoded
     dict(FOUR_BIT, states=["8bit", "8bit", "4bit", "4bit", "8bit", "4bit"], cautious_factor=0.3),
 ]
