@@ -28,15 +28,10 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import datetime
 import gc
-import importlib.metadata
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,10 +42,10 @@ import torch
 from tqdm import tqdm
 
 from lion8bit import Lion
-from lion8bit.kernels import cpu_build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_cost  # noqa: E402  (benchmarks/host_cost.py, beside this script)
+from bench_step_env import environment, kernel_build_seconds  # noqa: E402  (the machine and versions)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.99), 0.1
@@ -272,80 +267,6 @@ def measure(problem: Problem, key: tuple[str, str], steps: int) -> dict:
         p20_ms=percentile(times, 0.2) * 1e3, p80_ms=percentile(times, 0.8) * 1e3,
         bytes_moved=moved, gbps=moved / median / 1e9, peak_growth_mib=growth,
     )
-
-
-# -- environment ---------------------------------------------------------------------------------
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _llc() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in output.splitlines():
-            if line.startswith("L3 cache"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _memory() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return f"{int(line.split()[1]) / 2**20:.0f} GiB"
-    except OSError:
-        pass
-    return "unknown"
-
-
-def environment() -> dict:
-    memory = _memory()
-    return dict(
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {memory} RAM, L3 {_llc()})",
-        cpu=_cpu_model(),
-        threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=_version("triton"),
-        bitsandbytes=_version("bitsandbytes"),
-        lion_pytorch=_version("lion-pytorch"),
-        lion8bit=f"{_version('lion8bit')} ({_commit()})",
-    )
-
-
-def kernel_build_seconds() -> float:
-    """A fresh build of the fused kernel (what the first process on a machine pays once)."""
-    with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
-        cpu_build.build(directory=Path(directory))
-        return time.perf_counter() - start
 
 
 # -- output --------------------------------------------------------------------------------------

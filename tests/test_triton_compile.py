@@ -3,9 +3,10 @@
 triton compiles for a GPUTarget without a GPU; these tests read what it produced: the cubin's
 resource usage (cuobjdump), the PTX's global loads and stores attributed to the kernel argument
 their address comes from, and the TTIR's pointer arithmetic. The compile helpers are
-benchmarks/kernel_report.py's (the report prints the same facts). Kernels decorated for Triton's
-interpreter cannot be compiled, so without a GPU (where tests/conftest.py turns the interpreter
-on) this file runs in a pytest process of its own, started by tests/test_triton_process.py.
+benchmarks/kernel_report_compile.py's, read through benchmarks/kernel_report.py (the report prints
+the same facts). Kernels decorated for Triton's interpreter cannot be compiled, so without a GPU
+(where tests/conftest.py turns the interpreter on) this file runs in a pytest process of its own,
+started by tests/test_triton_process.py.
 """
 
 import importlib.util
