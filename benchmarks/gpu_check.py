@@ -49,14 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also w
 import torch  # noqa: E402
 from gpu_check_correctness import (  # noqa: E402  (pytest parts, bit-exact)
     bit_exact_part,
-    log_counts,  # noqa: F401  (tests/test_gpu_check.py reads it here)
-    mismatching_elements,  # noqa: F401  (tests/test_gpu_check.py reads it here)
     pytest_backends_part,
     pytest_gpu_part,
-    run_pytest,  # noqa: F401  (tests/test_gpu_check.py reads it here)
 )
 from gpu_check_report import (  # noqa: E402  (settings, environment, report)
-    ENV_COLUMNS,  # noqa: F401  (tests/test_gpu_check.py reads it here)
     TIME_LIMIT,
     Deadline,
     Report,

@@ -35,7 +35,6 @@ from kernel_report_compile import (  # noqa: E402  (benchmarks/kernel_report_com
     ABSMAX,
     Access,
     Variant,
-    addptr_offset_types,  # noqa: F401  (tests/test_triton_compile.py reads it here)
     compile_count,
     compile_step,
     elements_per_thread,

@@ -24,6 +24,18 @@ def gpu_check():
     return module
 
 
+@pytest.fixture(scope="module")
+def correctness(gpu_check):
+    """benchmarks/gpu_check_correctness.py, importable once gpu_check has put benchmarks/ on the path."""
+    return importlib.import_module("gpu_check_correctness")
+
+
+@pytest.fixture(scope="module")
+def report_module(gpu_check):
+    """benchmarks/gpu_check_report.py (settings, environment, report)."""
+    return importlib.import_module("gpu_check_report")
+
+
 @pytest.mark.slow
 def test_the_dry_run_writes_a_report_and_a_csv_of_every_part(tmp_path):
     result = subprocess.run(
@@ -62,7 +74,7 @@ def test_the_dry_run_writes_a_report_and_a_csv_of_every_part(tmp_path):
     assert "gpt2-small (148 tensors), llama2-7b-layer (9 tensors)" in report
 
 
-def test_pytest_outcomes_are_counted_from_a_subprocess(gpu_check, tmp_path):
+def test_pytest_outcomes_are_counted_from_a_subprocess(correctness, report_module, tmp_path):
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
@@ -75,18 +87,18 @@ def test_pytest_outcomes_are_counted_from_a_subprocess(gpu_check, tmp_path):
         "@pytest.mark.gpu\n"
         "def test_deselected(): pass\n"
     )
-    env = {column: "" for column in gpu_check.ENV_COLUMNS} | {"dry_run": True}
-    report = gpu_check.Report(tmp_path / "out", env, "test")
+    env = {column: "" for column in report_module.ENV_COLUMNS} | {"dry_run": True}
+    report = report_module.Report(tmp_path / "out", env, "test")
     with pytest.raises(RuntimeError, match="1 failed"):
-        gpu_check.run_pytest(
-            report, gpu_check.Deadline(120), "sample", ["test_sample.py"], "not gpu", {}, cwd=tmp_path
+        correctness.run_pytest(
+            report, report_module.Deadline(120), "sample", ["test_sample.py"], "not gpu", {}, cwd=tmp_path
         )
     row = report.rows[-1]
     assert (row["status"], row["passed"], row["failed"], row["skipped"]) == ("failed", 1, 1, 2)
     assert "FAILED `test_sample::test_fails`" in (tmp_path / "out" / "gpu_check.md").read_text()
 
 
-def test_a_log_cut_short_still_gives_the_counts_so_far(gpu_check):
+def test_a_log_cut_short_still_gives_the_counts_so_far(correctness):
     log = (
         "tests/test_a.py::test_one PASSED                                   [ 10%]\n"
         "tests/test_a.py::test_two[8bit-cuda fp32] FAILED                   [ 20%]\n"
@@ -95,7 +107,7 @@ def test_a_log_cut_short_still_gives_the_counts_so_far(gpu_check):
         "tests/test_a.py::test_five ERROR                                   [ 50%]\n"
         "tests/test_a.py::test_six "
     )
-    counts, failed = gpu_check.log_counts(log)
+    counts, failed = correctness.log_counts(log)
     assert counts == dict(passed=1, failed=2, skipped=2)
     assert failed == ["tests/test_a.py::test_two[8bit-cuda fp32]", "tests/test_a.py::test_five"]
 
@@ -111,9 +123,9 @@ def test_a_log_cut_short_still_gives_the_counts_so_far(gpu_check):
         (7, 8, 1),  # a Python value (step)
     ],
 )
-def test_mismatching_elements_compares_bit_patterns(gpu_check, first, second, expected):
-    assert gpu_check.mismatching_elements([{"x": first}], [{"x": second}]) == expected
+def test_mismatching_elements_compares_bit_patterns(correctness, first, second, expected):
+    assert correctness.mismatching_elements([{"x": first}], [{"x": second}]) == expected
 
 
-def test_mismatching_elements_counts_a_missing_state_key_as_a_mismatch(gpu_check):
-    assert gpu_check.mismatching_elements([{"x": 1, "y": 2}], [{"x": 1}]) == -1
+def test_mismatching_elements_counts_a_missing_state_key_as_a_mismatch(correctness):
+    assert correctness.mismatching_elements([{"x": 1, "y": 2}], [{"x": 1}]) == -1

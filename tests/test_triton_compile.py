@@ -34,6 +34,7 @@ _REPORT = Path(__file__).parents[1] / "benchmarks" / "kernel_report.py"
 _spec = importlib.util.spec_from_file_location("kernel_report", _REPORT)
 report = sys.modules.setdefault("kernel_report", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(report)
+compiling = importlib.import_module("kernel_report_compile")  # its sibling, on the path kernel_report set
 
 TARGETS = sorted(report.TARGETS)
 COMBINATIONS = report.COMBINATIONS
@@ -259,7 +260,7 @@ def test_offsets_are_64_bit(compiled, combination):
     # (with the row offset of the column's own load, i64 too).
     for kind in ("step", "count"):
         ttir = compiled(kind, report.Variant(*combination), 90).kernel.asm["ttir"]
-        offsets = report.addptr_offset_types(ttir)
+        offsets = compiling.addptr_offset_types(ttir)
         for name in ("param_ptrs", "grad_ptrs", "momentum_ptrs", "absmax_ptrs"):
             if name in offsets:
                 assert offsets[name] == {"i64"}, (kind, name, offsets[name])
