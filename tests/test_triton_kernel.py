@@ -4,7 +4,7 @@ random bits, bf16 / fp16 rounding, each run alone by tests/triton_probes.py), th
 backend="triton", no host synchronisation, its torch.library ops (opcheck, torch.compile), the
 launch-table cache, and how it reports what it cannot run on. Its step for every option, dtype,
 format and size, and its launches of many tensors, are in the conformance suite,
-tests/test_backends.py.
+tests/test_backends.py and test_backends_many_tensors.py.
 
 tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU, before anything imports triton:
 triton reads it when @triton.jit decorates a kernel (its own tl.max / tl.sum included).
