@@ -201,6 +201,22 @@ def train(model, optimizer, rank, steps, same_data=False):
         train_step(model, optimizer, inputs(model, step, 0 if same_data else rank))
 
 
+def synthetic_steps(model, optimizer, steps) -> None:
+    """Steps with grads that depend only on (step, param), not on the mesh: FSDP's average of
+    per-rank grads is not exact at every world size (3 ranks: (x + x + x) / 3 may not be x)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for step in steps:
+        for index, param in enumerate(model.parameters()):
+            generator = torch.Generator().manual_seed(7919 * step + index)
+            grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+            if isinstance(param, DTensor):
+                grad = distribute_tensor(grad, param.device_mesh, param.placements)
+            param.grad = grad
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def full(tensor):
     from torch.distributed.tensor import DTensor
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import pytest
 import torch
 
 from lion8bit import kernels, quant
@@ -56,6 +57,12 @@ def cpu_backends() -> list[str]:
     return [
         name for name in kernels.BACKENDS if kernels.available(name) and kernels.get(name).device_error(cpu, "") is None
     ]
+
+
+def every_backend(test):
+    """``test`` parametrized with ``backend`` over :func:`cpu_backends` (the conformance suite's
+    backends; read when a test module applies it, not when this module is imported)."""
+    return pytest.mark.parametrize("backend", cpu_backends())(test)
 
 
 def native_cpu_backends() -> list[str]:
