@@ -46,7 +46,8 @@ def one_torch_thread():
     """The reference's many small ops run 10x slower on 2 intra-op threads of a loaded 2-core
     machine (measured: 8 ms vs 0.9 ms for one searchsorted of 4097 values); the "cpu" backend
     takes its thread count from torch, and test_block_sizes_and_chunk_boundaries sets it. Used by
-    the conformance suite (tests/test_backends.py, test_backends_many_tensors.py)."""
+    the conformance suite (tests/test_backends.py, test_backends_many_tensors.py) and
+    tests/test_cpu_kernel.py."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
