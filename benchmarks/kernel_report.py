@@ -57,8 +57,6 @@ COMBINATIONS = [
 ]
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "u8": 1, "i32": 4}
 _MOMENTUM_TYPE = {"8bit": "u8", "4bit": "u8", "bf16": "bf16", "fp32": "fp32"}
-# Elements per byte of momentum codes ("4bit": two per byte).
-CODES_PER_BYTE = {"4bit": 2}
 # Per-element tensors of the step, reached through the launch table's address columns (the rest
 # are per block, per tensor, scalars or cached tables).
 ELEMENT_ARGS = ("param", "grad", "momentum")
