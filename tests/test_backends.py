@@ -176,6 +176,23 @@ def test_every_16_bit_param_value(backend, dtype, sr):
 
 
 @every_backend
+def test_without_keys_4bit_is_refused_before_any_change(backend):
+    """4-bit momentum always rounds stochastically (the reference raises without keys): every
+    backend refuses a step without them, before it writes anything."""
+    params, grads, entries, formats = batch([64], torch.Generator().manual_seed(43), pairings=PAIRINGS[:1],
+                                            formats=["4bit"])
+    momenta = [{key: entry[key] for key in BUFFER_KEYS["4bit"]} for entry in entries]
+    before = copies(params, momenta)
+    with pytest.raises(ValueError, match="rounds stochastically"):
+        kernels.get(backend).lion_step(
+            params, grads, momenta, formats, scalars=lion_scalars(group_of(0, 1.0, 0, 0, 0, 0)),
+            block_size=quant.BLOCK_SIZE, rounding_keys=None, cautious_steps=None, skip=None,
+        )
+    assert_same_bits(params[0], before[0][0], "param")
+    assert_same_bits(momenta[0][mom.MOMENTUM_CODES], before[1][0][mom.MOMENTUM_CODES], "codes")
+
+
+@every_backend
 def test_zero_size_tensors_and_an_empty_group(backend):
     generator = torch.Generator().manual_seed(3)
     params, grads, entries, formats = batch([0, 300, 0], generator, pairings=PAIRINGS[:1], formats=["8bit"])

@@ -139,20 +139,3 @@ def test_element_offsets_key_the_4bit_codes_bits():
                                  formats, group)
     codes = "momentum_codes"
     assert not any(torch.equal(a[codes], b[codes]) for a, b in zip(shifted[1], unshifted[1], strict=True))
-
-
-def test_without_keys_4bit_is_refused_before_any_change():
-    from lion8bit.functional import BUFFER_KEYS
-    from lion8bit.reference import lion_scalars
-
-    params, grads, entries, formats = batch([64], torch.Generator().manual_seed(43), pairings=PAIRINGS[:1],
-                                            formats=["4bit"])
-    momenta = [{key: entry[key] for key in BUFFER_KEYS["4bit"]} for entry in entries]
-    before = copies(params, momenta)
-    with pytest.raises(ValueError, match="rounds stochastically"):
-        kernels.get("triton").lion_step(
-            params, grads, momenta, formats, scalars=lion_scalars(group_of(0, 1.0, 0, 0, 0, 0)), block_size=256,
-            rounding_keys=None, cautious_steps=None, skip=None,
-        )
-    assert_same_bits(params[0], before[0][0], "param")
-    assert_same_bits(momenta[0]["momentum_codes"], before[1][0]["momentum_codes"], "codes")

@@ -451,6 +451,8 @@ class CpuBackend:
         if skip is not None:
             raise ValueError('Invalid skip for backend="cpu": CPU steps are skipped by the caller')
         buffers, absmaxes, codes = _arguments(momenta, formats, len(params))
+        if rounding_keys is None and "4bit" in formats:  # as the reference and "triton" refuse it
+            raise ValueError('"4bit" momentum rounds stochastically: pass rounding_keys')
         if rounding_keys is not None and not scalars.stochastic_rounding:
             rounding_keys = _only_4bit_keys(rounding_keys, codes)
         step = _cpu_step
