@@ -119,13 +119,15 @@ struct Buckets4 {
 // no compare of their own: x <= -1 (-inf too) gives hi = 1 and a fraction <= 0, so lo = 0 since
 // u >= 0; x >= 1 (+inf too) gives hi = 15 and a fraction >= 1 (fp32 rounding is monotonic), so
 // 15 since u < 1. Only NaN (fraction NaN, u < NaN false: code lo) needs its own select.
+// The step's x = (m * scale) * inverse is at most 1 + 2**-23 in magnitude (or NaN), so |x|'s
+// half-octave needs no clamp at the top. Both u and the fraction come scaled by 2**24
+// (uniform16, level_gaps): u * 2**24 < fraction * 2**24 exactly when u < fraction, the scaling
+// of a quotient whose |x - lo| is 0 or at least 2**-31 being exact, and one multiply fewer.
 inline __m512i codes16(__m512 x, __m512 uniform, __m512 levels, __m512 gaps, const Buckets4& buckets) {
   const __m512i one = _mm512_set1_epi32(1), bits = _mm512_castps_si512(x);
-  // |x|'s bits >> 22 clamped to 240 .. 254 (2**-7 .. 1): the low 4 bits are the bucket; bit 4
-  // from the sign.
-  __m512i half_octave = _mm512_min_epu32(
-      _mm512_max_epu32(_mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), 22), _mm512_set1_epi32(240)),
-      _mm512_set1_epi32(254));
+  // |x|'s bits >> 22, at least 240 (2**-7): the low 4 bits are the bucket; bit 4 from the sign.
+  __m512i half_octave =
+      _mm512_max_epu32(_mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), 22), _mm512_set1_epi32(240));
   __m512i bucket = _mm512_ternarylogic_epi32(half_octave, _mm512_srli_epi32(bits, 27), _mm512_set1_epi32(16), 0xD8);
   __m512i n = _mm512_permutex2var_epi32(buckets.base_positive, bucket, buckets.base_negative);
   __m512 bound = _mm512_permutex2var_ps(buckets.bound_positive, bucket, buckets.bound_negative);
@@ -137,19 +139,21 @@ inline __m512i codes16(__m512 x, __m512 uniform, __m512 levels, __m512 gaps, con
   return _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(NAN_CODE_4BIT));
 }
 
-// level[hi] - level[hi - 1] by hi (lane 0 unused), the fp32 subtraction the reference makes.
+// level[hi] - level[hi - 1] by hi (lane 0 unused), the fp32 subtraction the reference makes,
+// times 2**-24 (exact: codes16 compares in units of 2**-24).
 inline __m512 level_gaps() {
   __m512 levels = _mm512_loadu_ps(LEVELS_4BIT);
   __m512 below = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14), levels);
-  return _mm512_mask_blend_ps(0x1, _mm512_sub_ps(levels, below), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(_mm512_mask_blend_ps(0x1, _mm512_sub_ps(levels, below), _mm512_set1_ps(1.0f)),
+                       _mm512_set1_ps(0x1p-24f));
 }
 
-// u of 16 elements at flat indices index .. index+15 (one element key: a block never straddles
-// a multiple of 2**32).
+// u * 2**24 (the integer bits >> 8, exact in fp32) of 16 elements at flat indices index ..
+// index+15 (one element key: a block never straddles a multiple of 2**32).
 inline __m512 uniform16(uint32_t index, __m512i element_key) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i bits = mix32_16(_mm512_xor_si512(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(index)), lanes), element_key));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)), _mm512_set1_ps(0x1p-24f));
+  return _mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8));
 }
 
 // absmax_4bit and normalizer_4bit of a block from its lanes' max |m| bits, in vector registers
@@ -233,7 +237,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
   const bool nearest_momentum = momentum_key < 0;
   const Update16 k(o, aligned_step, misaligned_step);
-  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0.5f);
+  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0x1p23f);  // u = 0.5
   const Buckets4 buckets;
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
