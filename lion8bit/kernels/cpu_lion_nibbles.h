@@ -194,8 +194,8 @@ inline void decode_4bit(float* __restrict out, const uint8_t* __restrict codes, 
 }
 
 // A stage of new momentum (elements [start, start + n), start a multiple of 32) to codes and
-// absmax (quant.quantize_4bit), in blocks of 32; `key` < 0 rounds to nearest (u = 0.5, as
-// quantize_4bit without bits), else u comes from the bits of the whole parameter's indices
+// absmax (quant.quantize_4bit), in blocks of 32, u from the bits of `key` (a step always has
+// one: the launcher refuses 4-bit momentum without keys) and the whole parameter's indices
 // offset + start ... . With an odd count the last byte's high nibble is 0.
 inline void encode_4bit(const float* __restrict m, uint8_t* __restrict codes, uint16_t* __restrict absmax,
                         int64_t start, int64_t n, int64_t key, int64_t offset) {
@@ -211,7 +211,7 @@ inline void encode_4bit(const float* __restrict m, uint8_t* __restrict codes, ui
     const uint32_t element_key = mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(index >> 32));
     uint8_t block[BLOCK_4BIT + 1] = {};  // +1: the zero high nibble of an odd count
     for (int64_t i = 0; i < count; ++i) {
-      float u = key < 0 ? 0.5f : uniform_4bit(mix32((static_cast<uint32_t>(index) + static_cast<uint32_t>(i)) ^ element_key));
+      float u = uniform_4bit(mix32((static_cast<uint32_t>(index) + static_cast<uint32_t>(i)) ^ element_key));
       block[i] = code_4bit((m[b + i] * scale) * inverse, u);
     }
     uint8_t* out = codes + (start + b) / 2;
@@ -235,9 +235,8 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   const int64_t param_dtype = PARAM == ANY_DTYPE ? d[PARAM_DTYPE] : PARAM;
   const int64_t grad_dtype = GRAD == ANY_DTYPE ? d[GRAD_DTYPE] : GRAD, offset = d[ELEMENT_OFFSET];
   const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
-  const bool nearest_momentum = momentum_key < 0;
   const Update16 k(o, aligned_step, misaligned_step);
-  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps(), half = _mm512_set1_ps(0x1p23f);  // u = 0.5
+  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps();
   const Buckets4 buckets;
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -255,7 +254,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
     __m128i packed[2];
     for (int v = 0; v < 2; ++v) {
       __m512 x = _mm512_mul_ps(_mm512_mul_ps(h.m[v], h.scale), h.inverse);
-      __m512 uniform = nearest_momentum ? half : uniform16(static_cast<uint32_t>(h.index + 16 * v), h.element_key);
+      __m512 uniform = uniform16(static_cast<uint32_t>(h.index + 16 * v), h.element_key);
       packed[v] = pack16(codes16(x, uniform, levels, gaps, buckets));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (h.index - offset) / 2), _mm_unpacklo_epi64(packed[0], packed[1]));
