@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import multiprocessing
 import os
 import queue
@@ -21,6 +22,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import debug as dtensor_debug
 
 from lion8bit import Lion
 from lion8bit import momentum as mom
@@ -98,6 +100,9 @@ def _rank_main(worker, rank, world_size, store_path, results, kwargs):
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            # Free the group now, not at exit: examples/fsdp2_train.py's shut_down_distributed.
+            getattr(dtensor_debug, "_clear_sharding_prop_cache", lambda: None)()
+            gc.collect()
             dist.destroy_process_group()
 
 
