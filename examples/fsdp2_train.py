@@ -38,7 +38,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
     parser.add_argument(
-        "--state", choices=["8bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)"
+        "--state", choices=["8bit", "4bit", "bf16", "fp32"], default="8bit", help="momentum storage (default: 8bit)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (default: 0.1)")
