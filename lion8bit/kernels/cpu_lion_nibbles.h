@@ -105,6 +105,9 @@ struct Buckets4 {
         bases[16 + j] += level <= -end;  // x in (-end, -start]
         if (level > -end && level <= -start) bounds[16 + j] = level;
       }
+      // code_4bit's clamp of hi to >= 1, in the table: only the buckets of x <= -1 count no
+      // level, and there x > bound (-1, or +inf below -1.5) never holds.
+      bases[16 + j] = std::max(bases[16 + j], 1);
     }
     bound_positive = _mm512_load_ps(bounds);
     bound_negative = _mm512_load_ps(bounds + 16);
@@ -123,28 +126,32 @@ struct Buckets4 {
 // half-octave needs no clamp at the top. Both u and the fraction come scaled by 2**24
 // (uniform16, level_gaps): u * 2**24 < fraction * 2**24 exactly when u < fraction, the scaling
 // of a quotient whose |x - lo| is 0 or at least 2**-31 being exact, and one multiply fewer.
-inline __m512i codes16(__m512 x, __m512 uniform, __m512 levels, __m512 gaps, const Buckets4& buckets) {
+inline __m512i codes16(__m512 x, __m512 uniform, __m512 below, __m512 gaps, const Buckets4& buckets) {
   const __m512i one = _mm512_set1_epi32(1), bits = _mm512_castps_si512(x);
   // |x|'s bits >> 22, at least 240 (2**-7): the low 4 bits are the bucket; bit 4 from the sign.
   __m512i half_octave =
       _mm512_max_epu32(_mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), 22), _mm512_set1_epi32(240));
   __m512i bucket = _mm512_ternarylogic_epi32(half_octave, _mm512_srli_epi32(bits, 27), _mm512_set1_epi32(16), 0xD8);
-  __m512i n = _mm512_permutex2var_epi32(buckets.base_positive, bucket, buckets.base_negative);
+  __m512i hi = _mm512_permutex2var_epi32(buckets.base_positive, bucket, buckets.base_negative);
   __m512 bound = _mm512_permutex2var_ps(buckets.bound_positive, bucket, buckets.bound_negative);
-  n = _mm512_mask_add_epi32(n, _mm512_cmp_ps_mask(x, bound, _CMP_GT_OQ), n, one);
-  __m512i hi = _mm512_max_epi32(n, one);
-  __m512i lo = _mm512_sub_epi32(hi, one);
-  __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, _mm512_permutexvar_ps(lo, levels)), _mm512_permutexvar_ps(hi, gaps));
-  __m512i code = _mm512_mask_mov_epi32(lo, _mm512_cmp_ps_mask(uniform, fraction, _CMP_LT_OQ), hi);
+  hi = _mm512_mask_add_epi32(hi, _mm512_cmp_ps_mask(x, bound, _CMP_GT_OQ), hi, one);
+  __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, _mm512_permutexvar_ps(hi, below)), _mm512_permutexvar_ps(hi, gaps));
+  // lo = hi - 1 unless u < fraction (not for a NaN fraction: unordered compares true here).
+  __m512i code = _mm512_mask_sub_epi32(hi, _mm512_cmp_ps_mask(uniform, fraction, _CMP_NLT_UQ), hi, one);
   return _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(NAN_CODE_4BIT));
+}
+
+// level[hi - 1] by hi (lane 0 unused): codes16 reads the level below x without hi - 1.
+inline __m512 levels_below() {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14),
+                               _mm512_loadu_ps(LEVELS_4BIT));
 }
 
 // level[hi] - level[hi - 1] by hi (lane 0 unused), the fp32 subtraction the reference makes,
 // times 2**-24 (exact: codes16 compares in units of 2**-24).
 inline __m512 level_gaps() {
   __m512 levels = _mm512_loadu_ps(LEVELS_4BIT);
-  __m512 below = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14), levels);
-  return _mm512_mul_ps(_mm512_mask_blend_ps(0x1, _mm512_sub_ps(levels, below), _mm512_set1_ps(1.0f)),
+  return _mm512_mul_ps(_mm512_mask_blend_ps(0x1, _mm512_sub_ps(levels, levels_below()), _mm512_set1_ps(1.0f)),
                        _mm512_set1_ps(0x1p-24f));
 }
 
@@ -236,7 +243,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   const int64_t grad_dtype = GRAD == ANY_DTYPE ? d[GRAD_DTYPE] : GRAD, offset = d[ELEMENT_OFFSET];
   const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
   const Update16 k(o, aligned_step, misaligned_step);
-  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), gaps = level_gaps();
+  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), below = levels_below(), gaps = level_gaps();
   const Buckets4 buckets;
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -255,7 +262,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
     for (int v = 0; v < 2; ++v) {
       __m512 x = _mm512_mul_ps(_mm512_mul_ps(h.m[v], h.scale), h.inverse);
       __m512 uniform = uniform16(static_cast<uint32_t>(h.index + 16 * v), h.element_key);
-      packed[v] = pack16(codes16(x, uniform, levels, gaps, buckets));
+      packed[v] = pack16(codes16(x, uniform, below, gaps, buckets));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + (h.index - offset) / 2), _mm_unpacklo_epi64(packed[0], packed[1]));
   };
