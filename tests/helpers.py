@@ -6,7 +6,10 @@ formulas rather than by the functional under test."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +33,27 @@ LR, INITIAL_LR = 1e-3, 2e-3  # decoupled_initial_lr != lr, so decoupled weight d
 OPTIONS = list(
     itertools.product([0.0, 0.3], [1.0, 0.5, 0.0], [False, True], [False, True], [False, True], [False, True])
 )
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (examples/, benchmarks/) as the module ``name``, registered in
+    sys.modules (dataclasses look their module up there) unless a test loaded it before. Its folder
+    is on sys.path while it runs, so it imports its siblings by plain name as when run directly."""
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = str(Path(path).resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def option_id(options) -> str:

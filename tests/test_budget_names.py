@@ -5,8 +5,6 @@ comes from the package its description names, and the state it allocates is what
 predicts for that name.
 """
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,31 +14,19 @@ import torch
 from lion8bit import budget
 from lion8bit.budget.optimizers import OPTIMIZER_NAMES
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    """A script of the repository as a module (examples import their siblings by plain name)."""
-    pytest.importorskip("tqdm")
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
 
 
 @pytest.fixture(scope="module")
 def examples():
-    return _load(ROOT / "examples" / "_common.py", "examples_common")
+    return load_script(ROOT / "examples" / "_common.py", "examples_common")
 
 
 @pytest.fixture(scope="module")
 def bench_step():
-    return _load(ROOT / "benchmarks" / "bench_step.py", "bench_step")
+    return load_script(ROOT / "benchmarks" / "bench_step.py", "bench_step")
 
 
 def test_budget_names_are_the_vocabulary():

@@ -4,7 +4,6 @@ models: tests/distributed_helpers.py.
 """
 
 import copy
-import importlib.util
 import os
 import sys
 import weakref
@@ -35,6 +34,7 @@ from distributed_helpers import (
     train,
     train_step,
 )
+from helpers import load_script
 
 pytestmark = [
     pytest.mark.distributed,
@@ -343,17 +343,10 @@ def test_the_zero_lr_step_that_creates_state_for_checkpointing_changes_nothing(k
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "fsdp2_train.py")
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("fsdp2_train", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 # Imported here, before any rank initializes its process group, as the script imports it: a
 # module that torch.distributed imports after init_process_group can bind the group as a
 # default argument (torch.distributed.nn.functional's group=group.WORLD) for the life of the process.
-fsdp2_example = _load_example()
+fsdp2_example = load_script(EXAMPLE, "fsdp2_train")
 
 
 @pytest.mark.slow

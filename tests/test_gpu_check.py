@@ -3,7 +3,7 @@ the helpers its GPU parts depend on (pytest in a subprocess, the bit comparison)
 inputs whose answers are known."""
 
 import csv
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gpu_check")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ the same facts). Kernels decorated for Triton's interpreter cannot be compiled, 
 started by tests/test_triton_process.py.
 """
 
-import importlib.util
+import importlib
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from lion8bit import kernels, quant
 from lion8bit import momentum as mom
 from lion8bit.reference import lion_scalars, rounding_keys
 
+from helpers import load_script
+
 triton = pytest.importorskip("triton")
 if kernels.interpreting():
     pytest.skip(
@@ -31,9 +32,7 @@ if kernels.interpreting():
     )
 
 _REPORT = Path(__file__).parents[1] / "benchmarks" / "kernel_report.py"
-_spec = importlib.util.spec_from_file_location("kernel_report", _REPORT)
-report = sys.modules.setdefault("kernel_report", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(report)
+report = load_script(_REPORT, "kernel_report")
 compiling = importlib.import_module("kernel_report_compile")  # its sibling, on the path kernel_report set
 
 TARGETS = sorted(report.TARGETS)
