@@ -273,7 +273,7 @@ def measure(problem: Problem, key: tuple[str, str], steps: int) -> dict:
 def paired_ratio(problem: Problem, first: tuple[str, str], second: tuple[str, str], steps: int) -> float:
     """Median over rounds of second's step time / first's, their steps alternating on the same
     params: both see the same machine load, which drifts on a shared machine (the 8-bit step on
-    the 64M fp32 tensor: 29.4 and 37.9 ms medians in two runs 9 hours apart here)."""
+    the 64M fp32 tensor: 29.4 and 38.6 ms medians in two runs 9 hours apart here)."""
     optimizers = [OPTIMIZERS[key].factory(problem.params) for key in (first, second)]
     for optimizer in optimizers:
         optimizer.step()
