@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     if not args.quick:  # the host-cost table: us per tensor per step on many tiny tensors
         host_rows = host_cost.measure()
         host_out = out.with_name("host_cost.csv")
-        host_cost.write(host_rows, host_out, f"lion8bit {env['lion8bit']}, torch {env['torch']}, {env['cpu']}")
+        host_cost.write(host_rows, host_out, host_cost.env_line())
         print(host_out.with_suffix(".md").read_text())
     return 0
 

@@ -29,11 +29,11 @@ TENSORS, NUMEL = 300, 64
 LR = 1e-4
 
 
-def _lion8bit(backend):
+def _lion8bit(backend, **options):
     from lion8bit import Lion
 
-    # min_8bit_size=0: these tiny tensors get 8-bit momentum, the path this measures
-    return lambda params: Lion(params, lr=LR, weight_decay=0.1, min_8bit_size=0, backend=backend)
+    # min_8bit_size=0: these tiny tensors get 8-bit (or 4-bit) momentum, the path this measures
+    return lambda params: Lion(params, lr=LR, weight_decay=0.1, min_8bit_size=0, backend=backend, **options)
 
 
 def _bitsandbytes(params):
@@ -51,6 +51,9 @@ def _lion_pytorch(params):
 # (optimizer name of lion8bit.budget.optimizers, implementation) -> factory
 OPTIMIZERS = {
     ("lion8bit", "cpu"): _lion8bit("cpu"),
+    # Steps with rounding keys (4-bit momentum always rounds stochastically)
+    ("lion8bit", "cpu, state=4bit"): _lion8bit("cpu", state="4bit"),
+    ("lion8bit", "cpu, stochastic_rounding"): _lion8bit("cpu", stochastic_rounding=True),
     ("lion8bit", "torch"): _lion8bit("torch"),
     ("adamw", "fused"): lambda params: torch.optim.AdamW(params, lr=LR, fused=True),
     ("adamw", "foreach"): lambda params: torch.optim.AdamW(params, lr=LR, foreach=True),
@@ -139,22 +142,17 @@ def main(argv=None) -> int:
     rows = measure(rounds=2, steps=10) if args.quick else measure()
     out = args.out or RESULTS / ("host_cost_quick.csv" if args.quick else "host_cost.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    env_line = f"torch {torch.__version__}, python {sys.version.split()[0]}, {_machine()}"
-    write(rows, out, env_line)
-    print(markdown(rows, env_line))
+    write(rows, out, env_line())
+    print(markdown(rows, env_line()))
     return 0
 
 
-def _machine() -> str:
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} torch threads available"
+def env_line() -> str:
+    """What bench_step.py's full run writes above this table: versions, commit and CPU."""
+    from bench_step_env import environment  # beside this script, as for bench_step.py
+
+    env = environment()
+    return f"lion8bit {env['lion8bit']}, torch {env['torch']}, {env['cpu']}"
 
 
 if __name__ == "__main__":

@@ -18,11 +18,16 @@ C-level passes over the group's lists, that it still holds:
 - the CPU kernel's own checks (:func:`lion8bit.kernels.cpu_lion.planned_rows`: dtypes, sizes,
   addresses, CPU, contiguity of params, grads and buffers, the format of each buffer).
 
+- with stochastic rounding (the option, or "4bit" momentum, which always rounds so): each
+  entry's ``sr_seed`` as it was. The kernel makes the step's keys from the seeds' bases and the
+  step counts (:func:`lion8bit.kernels.cpu_lion.set_key_steps`): Python made them at 11 us per
+  tensor of 64 elements, four times the whole 8-bit step.
+
 Every group is checked before any group is stepped, so a plan that does not hold changes
 nothing: the full path then runs (and raises its own errors), and makes the plans again. Only
 groups the full path steps as one call of the CPU backend get plans: plain CPU tensors without
-stochastic rounding, skip_nonfinite, capturable, paging, caution or a tensor lr. Never under
-torch.compile: Dynamo cannot trace the itemgetter passes (torch 2.13).
+skip_nonfinite, capturable, paging, caution or a tensor lr. Never under torch.compile: Dynamo
+cannot trace the itemgetter passes (torch 2.13).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from torch.autograd.graph import increment_version
 
 from . import kernels
 from . import momentum as mom
-from .reference import lion_scalars
+from .reference import lion_scalars, rounding_key_bases
 
 _CPU = torch.device("cpu")
 # The group options a plan was made for: the ones that decide formats, state layout, backend
@@ -45,15 +50,24 @@ _options = operator.itemgetter(
 )
 _grad, _shape, _is = operator.attrgetter("grad"), operator.attrgetter("shape"), operator.is_
 _absmax_of = operator.itemgetter(mom.MOMENTUM_ABSMAX)
+_seed_of, _step_of = operator.itemgetter(mom.SR_SEED), operator.itemgetter(mom.STEP)
+_NO_KEY = -1
 
 
 def _plain_group(group: dict) -> bool:
-    # "4bit" rounds its momentum stochastically every step: the full path makes its keys.
     return not (
-        group["paged"] or group["stochastic_rounding"] or group["state"] == "4bit"
-        or group["skip_nonfinite"] or group["capturable"]
+        group["paged"] or group["skip_nonfinite"] or group["capturable"]
         or group.get("cautious_factor", 1.0) < 1.0 or isinstance(group["lr"], torch.Tensor)
     )
+
+
+def _key_bases(seed: int, fmt: str, stochastic_rounding: bool) -> tuple[int, int]:
+    # The full path's keys (lion8bit.functional, cpu_lion._only_4bit_keys): both streams with
+    # the option on; without it only a "4bit" momentum's, the params rounding to nearest.
+    param_base, momentum_base = rounding_key_bases(seed)
+    if stochastic_rounding:
+        return param_base, momentum_base
+    return _NO_KEY, momentum_base if fmt == "4bit" else _NO_KEY
 
 
 class _Plan:
@@ -74,10 +88,17 @@ class _Plan:
         )
         # Each entry's buffer and which ones have an absmax, so that a group of mixed formats
         # (8-bit weights, fp32 biases under min_8bit_size) is read with C-level passes too.
-        self.buffer_keys = [mom.MOMENTUM_CODES if fmt == "8bit" else mom.MOMENTUM for fmt in self.formats]
-        self.eight_bit = [fmt == "8bit" for fmt in self.formats]
+        self.buffer_keys = [mom.MOMENTUM_CODES if fmt in mom.QUANTIZED else mom.MOMENTUM for fmt in self.formats]
+        self.quantized = [fmt in mom.QUANTIZED for fmt in self.formats]
         self.codes = [cpu_lion._FORMATS.get(fmt) for fmt in self.formats]
         self.rows = None  # the kernel's checked descriptor rows, made at the first planned step
+        # As the full path decides it for this bucket (lion8bit.functional).
+        self.keyed = bool(self.params) and (group["stochastic_rounding"] or "4bit" in self.formats)
+        self.seeds = self.key_bases = None
+        if self.keyed:
+            self.seeds = list(map(_seed_of, self.entries))
+            rounding = group["stochastic_rounding"]
+            self.key_bases = [_key_bases(seed, f, rounding) for seed, f in zip(self.seeds, self.formats, strict=True)]
 
     def check(self, state):
         """(params, entries, scalars, rows, positions) to step, () for nothing to step, or None
@@ -104,10 +125,12 @@ class _Plan:
             return None
         if kernels.resolve(group["backend"], _CPU) is not self.backend:
             return None
+        if self.keyed and list(map(_seed_of, entries)) != self.seeds:
+            return None
         buffers = list(map(operator.getitem, entries, self.buffer_keys))
-        absmaxes = list(map(_absmax_of, compress(entries, self.eight_bit)))
+        absmaxes = list(map(_absmax_of, compress(entries, self.quantized)))
         self.rows, rows, positions = self.cpu.planned_rows(
-            self.rows, params, grads, buffers, absmaxes, self.codes, group["block_size"]
+            self.rows, params, grads, buffers, absmaxes, self.codes, group["block_size"], self.key_bases
         )
         return params, entries, lion_scalars(group), rows, positions
 
@@ -116,7 +139,10 @@ class _Plan:
         for entry in entries:
             entry[mom.STEP] += 1
         cpu = self.cpu
-        cpu.launch(rows, positions, cpu._host_scalars(scalars), cpu._flags(scalars, False), self.group["block_size"])
+        if self.keyed:
+            cpu.set_key_steps(rows, positions, list(map(_step_of, entries)))
+        flags = cpu._flags(scalars, self.keyed)
+        cpu.launch(rows, positions, cpu._host_scalars(scalars), flags, self.group["block_size"])
         increment_version(params)
 
 

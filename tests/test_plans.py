@@ -84,18 +84,38 @@ def lockstep(change, every_step=False, **options):
         dict(shapes=((8, 8), (3,), (8, 8), (0,))),  # 8-bit and fp32 (under min_8bit_size) in one group
         dict(state="bf16", dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)),
         dict(state="fp32", maximize=True, cautious_weight_decay=True, decoupled_weight_decay=True),
+        # Keyed steps: the kernel makes the full path's keys from the seeds' bases and step counts.
+        # 4-bit (nearest-rounded params, as without the option), fp32 under min_8bit_size, empty:
+        dict(state="4bit", dtypes=(torch.bfloat16, torch.float32, torch.float16, torch.float32),
+             shapes=((8, 8), (3,), (8, 8), (0,))),
+        # stochastic rounding of bf16 params and bf16 momentum; 8-bit codes and 4-bit ones with it
+        dict(state="bf16", stochastic_rounding=True,
+             dtypes=(torch.bfloat16, torch.float32, torch.bfloat16, torch.float16)),
+        dict(stochastic_rounding=True, dtypes=(torch.bfloat16,) * 4),
+        dict(state="4bit", stochastic_rounding=True, dtypes=(torch.bfloat16,) * 4),
     ],
-    ids=["8bit", "mixed", "bf16", "fp32"],
+    ids=["8bit", "mixed", "bf16", "fp32", "4bit", "sr-bf16", "sr-8bit", "sr-4bit"],
 )
 def test_steady_steps_are_planned_and_exact(planned_steps, options):
     lockstep(lambda params, optimizer, seed: set_grads(params, seed), **options)
     assert len(planned_steps) == 5  # the first step collects; the other 5 are planned
 
 
-def test_4bit_groups_take_the_full_path_for_their_rounding_keys(planned_steps):
-    # 4-bit momentum rounds stochastically with keys of each step's count: a plan has none
-    lockstep(lambda params, optimizer, seed: set_grads(params, seed), state="4bit", shapes=((8, 8), (3,), (8, 8), (0,)))
-    assert planned_steps == []
+@pytest.mark.parametrize("options", [dict(state="4bit"), dict(stochastic_rounding=True)], ids=["4bit", "sr"])
+def test_keys_follow_each_tensors_own_step_count(planned_steps, options):
+    # Param 1 has no grad for the first 3 steps, so its step count stays 3 behind the others'
+    # in the planned steps after: keys made from one count for the whole group would differ.
+    pairs = [make(cls, dtypes=(torch.bfloat16,) * 4, **options) for cls in (Lion, Unplanned)]
+    for seed in range(8):
+        for params, optimizer in pairs:
+            set_grads(params, seed)
+            if seed < 3:
+                params[1].grad = None
+            optimizer.step()
+    assert_same(pairs[0][1], pairs[1][1])
+    state = pairs[0][1].state
+    assert [state[p][mom.STEP] for p in pairs[0][0]] == [8, 5, 8, 8]
+    assert len(planned_steps) == 6  # steps 0 and 3 (param 1's grad appears) collect
 
 
 def test_a_grad_that_vanishes_or_appears_is_seen():
@@ -186,6 +206,14 @@ def test_an_edited_state_entry_is_seen(edit):
         set_grads(params, seed)
 
     lockstep(change)
+
+
+def test_an_edited_seed_is_seen():
+    def change(params, optimizer, seed):
+        optimizer.state[params[0]][mom.SR_SEED] = 12345
+        set_grads(params, seed)
+
+    lockstep(change, state="4bit")
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,16 @@ Options options_of(const float* scalars, int64_t flags, int64_t block_size) {
   return o;
 }
 
+// The key in `field` of row d: the key itself, or with KEY_STEP >= 0 reference.rounding_keys
+// from its base, mix32(base ^ (step mod 2**32)). lion8bit/plans.py steps a keyed group so, with
+// no per-tensor Python for its keys: a 4-bit group of 300 tensors of 64 elements took 11.0 us
+// per tensor per step on the full path, 2.8 planned (the 8-bit group: 2.4; one thread).
+int64_t rounding_key(const int64_t* d, Field field) {
+  const int64_t key = d[field];
+  if (key < 0 || d[KEY_STEP] < 0) return key;
+  return mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(d[KEY_STEP]));
+}
+
 }  // namespace
 
 extern "C" {
@@ -117,8 +127,8 @@ int64_t lion8bit_cpu_step(const int64_t* tensors, int64_t count, const float* st
     float misaligned_step = steps ? steps[2 * item.tensor + 1] : o.lr;
     void* param = reinterpret_cast<void*>(d[PARAM_PTR]);
     void* momentum = reinterpret_cast<void*>(d[MOMENTUM_PTR]);
-    int64_t param_key = o.stochastic ? d[PARAM_KEY] : -1;
-    int64_t momentum_key = o.stochastic ? d[MOMENTUM_KEY] : -1;
+    int64_t param_key = o.stochastic ? rounding_key(d, PARAM_KEY) : -1;
+    int64_t momentum_key = o.stochastic ? rounding_key(d, MOMENTUM_KEY) : -1;
     const bool cautious = steps != nullptr;
     int64_t staged_from = item.start;
 #if defined(__AVX512F__)

@@ -25,7 +25,8 @@ from . import STEP_SCALARS, UnavailableBackend, check_tensors, cpu_build
 from .cpu_tables import requantizer_levels
 
 # Descriptor row of one tensor, and the codes of cpu_lion.cpp's enums (same order).
-_FIELDS = 11
+_FIELDS = 12
+_PARAM_KEY, _MOMENTUM_KEY, _KEY_STEP = 8, 9, 11
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FORMATS = {"8bit": 0, "bf16": 1, "fp32": 2, "4bit": 3}
 _QUANTIZED = (0, 3)  # the format codes with an absmax buffer
@@ -119,6 +120,7 @@ def _descriptors(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
         [_NO_KEY] * count if keys is None else [k[0] for k in keys],
         [_NO_KEY] * count if keys is None else [k[1] for k in keys],
         offsets,
+        [-1] * count,  # KEY_STEP: the key columns are the keys themselves
     )
     rows = array.array("q", itertools.chain.from_iterable(zip(*columns, strict=True)))
     positions = [index for index, numel in enumerate(numels) if numel]
@@ -197,8 +199,8 @@ class _Rows:
             rows[6::_FIELDS] = array.array("q", [grad_types[i] for i in positions])
         if rounding_keys is not None:
             keys = rounding_keys.tolist() if isinstance(rounding_keys, torch.Tensor) else rounding_keys
-            rows[8::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
-            rows[9::_FIELDS] = array.array("q", [keys[i][1] for i in positions])
+            rows[_PARAM_KEY::_FIELDS] = array.array("q", [keys[i][0] for i in positions])
+            rows[_MOMENTUM_KEY::_FIELDS] = array.array("q", [keys[i][1] for i in positions])
         return rows
 
 
@@ -237,19 +239,29 @@ def _cached_rows(params, grads, buffers, absmaxes, formats, rounding_keys, eleme
     return rows, cached.positions
 
 
-def planned_rows(cached: _Rows | None, params, grads, buffers, absmaxes, codes, block_size: int):
+def planned_rows(cached: _Rows | None, params, grads, buffers, absmaxes, codes, block_size: int, key_bases=None):
     """(rows object, descriptor rows, positions) for a caller that keeps the rows object itself
     (:mod:`lion8bit.plans`: the same params and buffers step after step, so no cache key of
     their ids is made and hashed). Raises ValueError, before anything is written, if a tensor
-    fails the kernel's checks."""
+    fails the kernel's checks. ``key_bases``: per tensor (param base, momentum base) of
+    :func:`lion8bit.reference.rounding_key_bases`, or -1 for no key; :func:`set_key_steps`
+    then gives the step the kernel makes the keys for."""
     if cached is None or not cached.fits(params, buffers, absmaxes):
-        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, None, (), block_size)
+        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, key_bases, (), block_size)
         return _Rows(params, buffers, absmaxes, rows, positions), rows, positions
     rows = cached.with_grads(grads, None)
     if rows is None:
-        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, None, (), block_size)
+        rows, positions = _descriptors(params, grads, buffers, absmaxes, codes, key_bases, (), block_size)
         return cached, rows, positions
     return cached, rows, cached.positions
+
+
+def set_key_steps(rows: array.array, positions, steps) -> None:
+    """Key rows of :func:`planned_rows` for these step counts (per tensor, this step included):
+    the kernel makes reference.rounding_keys(seed, step) from the bases in the rows."""
+    if len(positions) != len(steps):
+        steps = [steps[i] for i in positions]
+    rows[_KEY_STEP::_FIELDS] = array.array("q", steps)  # the kernel takes them mod 2**32
 
 
 def launch(descriptors, positions, step_scalars: torch.Tensor, flags: int, block_size: int, steps=None) -> None:

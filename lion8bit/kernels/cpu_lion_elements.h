@@ -13,10 +13,12 @@ namespace {
 enum DType : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
 // Momentum formats (lion8bit.momentum): "8bit", "bf16", "fp32", "4bit" (cpu_lion_nibbles.h).
 enum Format : int64_t { Q8 = 0, MOMENTUM_BF16 = 1, MOMENTUM_F32 = 2, Q4 = 3 };
-// Fields of one tensor's descriptor row (int64), written by cpu_lion.py.
+// Fields of one tensor's descriptor row (int64), written by cpu_lion.py. The keys are uint32, or
+// -1 for none; with KEY_STEP >= 0 they are reference.rounding_key_bases and the step's keys are
+// made from them here (rounding_key, cpu_lion.cpp).
 enum Field : int64_t {
   PARAM_PTR, GRAD_PTR, MOMENTUM_PTR, ABSMAX_PTR, NUMEL,
-  PARAM_DTYPE, GRAD_DTYPE, FORMAT, PARAM_KEY, MOMENTUM_KEY, ELEMENT_OFFSET, FIELDS
+  PARAM_DTYPE, GRAD_DTYPE, FORMAT, PARAM_KEY, MOMENTUM_KEY, ELEMENT_OFFSET, KEY_STEP, FIELDS
 };
 // Step scalars (fp32, rounded once by the host as torch rounds a Python float operand).
 enum Scalar : int64_t { BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, DECAY, LR, SCALARS };

@@ -266,7 +266,11 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
   const Update16 k(o, aligned_step, misaligned_step);
   const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), below = levels_below(), gaps = level_gaps();
-  const Buckets4 buckets;
+  // Made once, copied to registers: built per call, the tables cost 1 us per tensor of a 4-bit
+  // group of 300 tensors of 64 elements (3.6-5.1 against 2.4-4.2 us per tensor per step, builds
+  // alternated in one process).
+  static const Buckets4 tables;
+  const Buckets4 buckets = tables;
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // Element keys of the indices' upper 32 bits, made again only where they change (a block, 32
