@@ -153,11 +153,12 @@ def _fraction_ties(uniform: torch.Tensor, generator) -> tuple[torch.Tensor, int]
     return values, int(tied.sum())
 
 
-def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, tie_seed=None):
+def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, tie_seed=None, param_dtype=torch.float32):
     """One 4-bit step whose new momentum is exactly the chosen values: beta2 = 0 makes it the
-    gradient; each block of 31 values gets a 1.0 first (absmax 1: normalized = value), and the
-    raw blocks follow as they are. ``tie_seed``: replace the values by fraction ties of their
-    elements' u (which need the element indices, hence here)."""
+    (fp32) gradient; each block of 31 values gets a 1.0 first (absmax 1: normalized = value), and
+    the raw blocks follow as they are. ``tie_seed``: replace the values by fraction ties of their
+    elements' u (which need the element indices, hence here). ``param_dtype``: the vector step
+    takes fp32 params one block at a time and 16-bit ones in groups of 16 blocks."""
     per_block = quant.BLOCK_SIZE_4BIT - 1
     values = torch.cat([values, torch.zeros(-values.numel() % per_block)]).view(-1, per_block)
     head = torch.ones(values.shape[0], 1)
@@ -171,7 +172,7 @@ def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, ti
         chosen[values.numel() + values.shape[0] :] = False
         grad[chosen], tied = _fraction_ties(uniform[chosen], torch.Generator().manual_seed(tie_seed))
     group = dict(lr=LR, betas=(0.9, 0.0), weight_decay=0.0, stochastic_rounding=sr)
-    ours = step_and_compare("cpu", [torch.zeros_like(grad)], [grad], [entry], ["4bit"], group)
+    ours = step_and_compare("cpu", [torch.zeros_like(grad, dtype=param_dtype)], [grad], [entry], ["4bit"], group)
     absmax = ours[1][0][mom.MOMENTUM_ABSMAX]
     assert torch.all(absmax[: values.shape[0]] == 1.0), "the chosen values were normalized by 1"
     return tied
@@ -212,9 +213,10 @@ def _special_blocks() -> torch.Tensor:
     return torch.cat([*blocks, with_inf, with_nan])
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("sr", [False, True])
-def test_4bit_blocks_of_zeros_subnormals_and_non_finite_values(kernel, sr):
-    _step_blocks(torch.rand(62), _special_blocks(), sr=sr)
+def test_4bit_blocks_of_zeros_subnormals_and_non_finite_values(kernel, sr, param_dtype):
+    _step_blocks(torch.rand(62), _special_blocks(), sr=sr, param_dtype=param_dtype)
 
 
 def test_4bit_nan_takes_the_code_torch_searchsorted_gives_it():
