@@ -16,12 +16,11 @@ C-level passes over the group's lists, that it still holds:
 - each param's state entry is the same dict (``load_state_dict``, ``state[p] = ...``); the
   momentum buffers are read from the entries every step;
 - the CPU kernel's own checks (:func:`lion8bit.kernels.cpu_lion.planned_rows`: dtypes, sizes,
-  addresses, CPU, contiguity of params, grads and buffers, the format of each buffer).
-
+  addresses, CPU, contiguity of params, grads and buffers, the format of each buffer);
 - with stochastic rounding (the option, or "4bit" momentum, which always rounds so): each
   entry's ``sr_seed`` as it was. The kernel makes the step's keys from the seeds' bases and the
-  step counts (:func:`lion8bit.kernels.cpu_lion.set_key_steps`): Python made them at 11 us per
-  tensor of 64 elements, four times the whole 8-bit step.
+  step counts (:func:`lion8bit.kernels.cpu_lion.set_key_steps`); such groups took the full
+  path before, at 11.0-11.2 us per tensor of 64 elements against 2.4 for a planned 8-bit group.
 
 Every group is checked before any group is stepped, so a plan that does not hold changes
 nothing: the full path then runs (and raises its own errors), and makes the plans again. Only
