@@ -50,7 +50,6 @@ _options = operator.itemgetter(
 _grad, _shape, _is = operator.attrgetter("grad"), operator.attrgetter("shape"), operator.is_
 _absmax_of = operator.itemgetter(mom.MOMENTUM_ABSMAX)
 _seed_of, _step_of = operator.itemgetter(mom.SR_SEED), operator.itemgetter(mom.STEP)
-_NO_KEY = -1
 
 
 def _plain_group(group: dict) -> bool:
@@ -58,15 +57,6 @@ def _plain_group(group: dict) -> bool:
         group["paged"] or group["skip_nonfinite"] or group["capturable"]
         or group.get("cautious_factor", 1.0) < 1.0 or isinstance(group["lr"], torch.Tensor)
     )
-
-
-def _key_bases(seed: int, fmt: str, stochastic_rounding: bool) -> tuple[int, int]:
-    # The full path's keys (lion8bit.functional, cpu_lion._only_4bit_keys): both streams with
-    # the option on; without it only a "4bit" momentum's, the params rounding to nearest.
-    param_base, momentum_base = rounding_key_bases(seed)
-    if stochastic_rounding:
-        return param_base, momentum_base
-    return _NO_KEY, momentum_base if fmt == "4bit" else _NO_KEY
 
 
 class _Plan:
@@ -96,8 +86,9 @@ class _Plan:
         self.seeds = self.key_bases = None
         if self.keyed:
             self.seeds = list(map(_seed_of, self.entries))
-            rounding = group["stochastic_rounding"]
-            self.key_bases = [_key_bases(seed, f, rounding) for seed, f in zip(self.seeds, self.formats, strict=True)]
+            self.key_bases = list(map(rounding_key_bases, self.seeds))
+            if not group["stochastic_rounding"]:  # only "4bit" momentum rounds, as on the full path
+                self.key_bases = cpu_lion._only_4bit_keys(self.key_bases, self.codes)
 
     def check(self, state):
         """(params, entries, scalars, rows, positions) to step, () for nothing to step, or None
