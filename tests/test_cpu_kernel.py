@@ -153,12 +153,15 @@ def _fraction_ties(uniform: torch.Tensor, generator) -> tuple[torch.Tensor, int]
     return values, int(tied.sum())
 
 
-def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, tie_seed=None, param_dtype=torch.float32):
+def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, tie_seed=None, param_dtype=torch.float32,
+                 grad_dtype=torch.float32):
     """One 4-bit step whose new momentum is exactly the chosen values: beta2 = 0 makes it the
     (fp32) gradient; each block of 31 values gets a 1.0 first (absmax 1: normalized = value), and
     the raw blocks follow as they are. ``tie_seed``: replace the values by fraction ties of their
     elements' u (which need the element indices, hence here). ``param_dtype``: the vector step
-    takes fp32 params one block at a time and 16-bit ones in groups of 16 blocks."""
+    takes fp32 params one block at a time and 16-bit ones in groups of 16 blocks. ``grad_dtype``:
+    bf16 (with bf16 params) takes the blocks' even and odd elements as its two vectors; the
+    values are then the grad's bf16 roundings."""
     per_block = quant.BLOCK_SIZE_4BIT - 1
     values = torch.cat([values, torch.zeros(-values.numel() % per_block)]).view(-1, per_block)
     head = torch.ones(values.shape[0], 1)
@@ -172,6 +175,7 @@ def _step_blocks(values: torch.Tensor, raw_blocks: torch.Tensor, sr: bool, *, ti
         chosen[values.numel() + values.shape[0] :] = False
         grad[chosen], tied = _fraction_ties(uniform[chosen], torch.Generator().manual_seed(tie_seed))
     group = dict(lr=LR, betas=(0.9, 0.0), weight_decay=0.0, stochastic_rounding=sr)
+    grad = grad.to(grad_dtype)
     ours = step_and_compare("cpu", [torch.zeros_like(grad, dtype=param_dtype)], [grad], [entry], ["4bit"], group)
     absmax = ours[1][0][mom.MOMENTUM_ABSMAX]
     assert torch.all(absmax[: values.shape[0]] == 1.0), "the chosen values were normalized by 1"
@@ -213,10 +217,29 @@ def _special_blocks() -> torch.Tensor:
     return torch.cat([*blocks, with_inf, with_nan])
 
 
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+PARAM_GRAD_DTYPES = {"fp32": (torch.float32,) * 2, "bf16": (torch.bfloat16, torch.float32),
+                     "fp16": (torch.float16, torch.float32), "bf16-bf16": (torch.bfloat16,) * 2}
+
+
+@pytest.mark.parametrize("dtypes", list(PARAM_GRAD_DTYPES.values()), ids=list(PARAM_GRAD_DTYPES))
 @pytest.mark.parametrize("sr", [False, True])
-def test_4bit_blocks_of_zeros_subnormals_and_non_finite_values(kernel, sr, param_dtype):
-    _step_blocks(torch.rand(62), _special_blocks(), sr=sr, param_dtype=param_dtype)
+def test_4bit_blocks_of_zeros_subnormals_and_non_finite_values(kernel, sr, dtypes):
+    _step_blocks(torch.rand(62), _special_blocks(), sr=sr, param_dtype=dtypes[0], grad_dtype=dtypes[1])
+
+
+@pytest.mark.parametrize("parity", [0, 1], ids=["even", "odd"])
+@pytest.mark.parametrize("sr", [False, True])
+def test_4bit_bf16_params_special_in_one_parity(kernel, sr, parity):
+    """Every bf16 pattern as a param at the even (or odd) elements only, 1.5 at the others: the
+    vector step with bf16 params and grads rounds a block's two parities as one store, whose
+    one-instruction conversion must be refused when either parity holds a NaN or subnormal."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    param = torch.full((2 * patterns.numel(),), 1.5, dtype=torch.bfloat16)
+    param[parity::2] = patterns
+    grad = torch.randn(param.numel(), generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    grad[parity::2] = 0.0  # with zero momentum: these params are only decayed (and rounded)
+    entry = {mom.STEP: 3, mom.SR_SEED: 7, **mom.new_momentum(param, "4bit", quant.BLOCK_SIZE)}
+    step_and_compare("cpu", [param], [grad], [entry], ["4bit"], group_of(0.3, 1.0, False, False, False, sr))
 
 
 def test_4bit_nan_takes_the_code_torch_searchsorted_gives_it():

@@ -26,6 +26,21 @@ inline __m512i mix32_16(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
+// bf16_nearest, or bf16_stochastic with these random bits, of 16 values by integer rounding: the
+// bf16 patterns in the low 16 bits of each lane.
+inline __m512i bf16_rounded16(__m512 x, bool stochastic, __m512i random) {
+  const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
+  __m512i half = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
+  half = _mm512_mask_mov_epi32(half, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  if (stochastic) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+    half = _mm512_mask_mov_epi32(half, finite, _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_srli_epi32(random, 16)), 16));
+  }
+  return half;
+}
+
 // Store 16 values to an fp32 or bf16 tensor at element i: bf16_nearest, or bf16_stochastic with
 // these random bits.
 inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochastic, __m512i random) {
@@ -37,7 +52,7 @@ inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochas
   }
 #if defined(__AVX512BF16__)
   // vcvtneps2bf16 rounds to nearest even as bf16_nearest does, in one instruction where the
-  // integer rounding below takes eight (1.27 -> 1.23 ns per element for the whole step measured), but it flushes
+  // integer rounding takes eight (1.27 -> 1.23 ns per element for the whole step measured), but it flushes
   // subnormal inputs to zero and writes NaN as 0x7FC0-like quiet NaNs: vectors with either
   // (classes QNaN 0x01, denormal 0x20, SNaN 0x80) take the integer rounding.
   if (!stochastic && _mm512_fpclass_ps_mask(x, 0xA1) == 0) {
@@ -46,16 +61,37 @@ inline void store16(void* base, int64_t dtype, int64_t i, __m512 x, bool stochas
     return;
   }
 #endif
-  const __m512i bits = _mm512_castps_si512(x), one = _mm512_set1_epi32(1);
-  __m512i half = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one))), 16);
-  half = _mm512_mask_mov_epi32(half, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-  if (stochastic) {
-    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
-    __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
-    half = _mm512_mask_mov_epi32(half, finite, _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_srli_epi32(random, 16)), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i),
+                      _mm512_cvtepi32_epi16(bf16_rounded16(x, stochastic, random)));
+}
+
+// 32 bf16 values from element i as fp32, split by parity: lane j of `even` is element i + 2j,
+// of `odd` i + 2j + 1. A 32-bit lane of the load holds both (the even one in its low half), so
+// each vector is one instruction, where the contiguous layout of load16 takes a widening and a
+// shift per 16 values.
+inline void load32_by_parity(const void* base, int64_t i, __m512& even, __m512& odd) {
+  const __m512i pairs = _mm512_loadu_si512(static_cast<const uint16_t*>(base) + i);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+// Store 32 values split by parity (as load32_by_parity reads them) to a bf16 tensor at element
+// i, rounded as store16 rounds: the pairs' bf16 patterns side by side in each 32-bit lane.
+inline void store32_by_parity(void* base, int64_t i, __m512 even, __m512 odd, bool stochastic, __m512i random_even,
+                              __m512i random_odd) {
+  uint16_t* out = static_cast<uint16_t*>(base) + i;
+#if defined(__AVX512BF16__)
+  if (!stochastic && (_mm512_fpclass_ps_mask(even, 0xA1) | _mm512_fpclass_ps_mask(odd, 0xA1)) == 0) {
+    // Words 0-15 the even values, 16-31 the odd ones; the permute interleaves them.
+    const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                                                 0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001A000A, 0x001B000B,
+                                                 0x001C000C, 0x001D000D, 0x001E000E, 0x001F000F);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even))));
+    return;
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i), _mm512_cvtepi32_epi16(half));
+#endif
+  _mm512_storeu_si512(out, _mm512_or_si512(bf16_rounded16(even, stochastic, random_even),
+                                           _mm512_slli_epi32(bf16_rounded16(odd, stochastic, random_odd), 16)));
 }
 
 // The constants of the 16-lane update, made once per call of a vector step.
