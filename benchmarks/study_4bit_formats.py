@@ -182,8 +182,31 @@ def round_up_to_bf16(values: torch.Tensor) -> torch.Tensor:
     return quant._to_int32_bits(up & 0xFFFFFFFF).view(torch.float32)
 
 
+def grid_codes(blocks: torch.Tensor, absmax: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding on the grid of the uniform "linear" map, whose level c sits at
+    t = 7.5 * (x + 1) = c: no search and no division per element.
+
+    t = (m * scale) * (7.5 / (absmax * scale)) + 7.5 for the values m of ``blocks`` (one row
+    per block; the elements past the last are dropped), in fp32 with the quotient correctly
+    rounded (0 for an absmax that is not > 0), scale = 2**64 for an absmax below 2**-64 (where
+    7.5 * 2**24 / absmax would overflow fp32), else 1. t is clamped to [0, 15] with NaN to 0;
+    then with f = floor(t) the code is f + 1 iff u < t - f (exact), u = (bits >> 8) * 2**-24.
+    E[code] = t up to t's fp32 roundings.
+    """
+    scale = torch.where(absmax < 2.0**-64, 2.0**64, 1.0)
+    numerator = torch.full_like(absmax, 7.5)  # a tensor: float / tensor is reciprocal * float in torch
+    grid_scale = torch.where(absmax > 0, numerator / (absmax * scale), torch.zeros_like(absmax))
+    t = ((blocks * scale[:, None]) * grid_scale[:, None]).reshape(-1)[: bits.numel()] + 7.5
+    t = torch.where(t > 0, t, 0.0).clamp(max=15.0)
+    floor = t.floor()
+    uniform = (bits >> 8).to(torch.float32) * 2.0**-24
+    return (floor + (uniform < t - floor).float()).long()
+
+
 ABSMAX_BYTES = {"fp32": 4, "bf16": 2}
-ROUNDINGS = ("nearest", "sr")
+# "srgrid": "sr" by grid_codes, for the "linear" map only (the rule state="4bit" ships).
+ROUNDINGS = ("nearest", "sr", "srgrid")
+STOCHASTIC = ("sr", "srgrid")
 
 
 @dataclass(frozen=True)
@@ -204,6 +227,8 @@ class Format:
             raise ValueError(f"Invalid rounding: {self.rounding!r} (choose from {', '.join(ROUNDINGS)})")
         if self.block_size < 1:
             raise ValueError(f"Invalid block size: {self.block_size}")
+        if self.rounding == "srgrid" and self.map_name != "linear":
+            raise ValueError(f"Invalid rounding: srgrid needs the linear map, not {self.map_name!r}")
 
     @property
     def name(self) -> str:
@@ -235,7 +260,7 @@ class Format:
         return cls(head, int(block), absmax, rounding)
 
     def encode(self, values: torch.Tensor, bits: torch.Tensor | None = None):
-        """fp32 values -> (uint8 code indices, one per element; fp32 absmax per block); ``bits`` for "sr".
+        """fp32 values -> (uint8 code indices, one per element; fp32 absmax per block); ``bits`` for "sr" and "srgrid".
 
         normalized = value * (1 / absmax) in fp32, as lion8bit/quant.py does for 8 bits (with
         its power-of-two rescale of subnormal blocks). An all-zero block has absmax 0.
@@ -252,6 +277,8 @@ class Format:
             codes = nearest_codes(normalized, self.levels)
         elif bits is None:
             raise ValueError("stochastic rounding needs random bits")
+        elif self.rounding == "srgrid":
+            codes = grid_codes(quant._as_blocks(flat, self.block_size), absmax, bits)
         else:
             codes = stochastic_codes(normalized, self.levels, bits)
         return codes.to(torch.uint8), absmax
@@ -328,7 +355,7 @@ class FormatLion(torch.optim.Optimizer):
                 momentum.mul_(beta2).add_(grad, alpha=1.0 - beta2)
                 if quantized:
                     bits = None
-                    if self.fmt.rounding == "sr":
+                    if self.fmt.rounding in STOCHASTIC:
                         key = quant.rounding_key(entry["seed"], entry["step"], quant.STREAM_MOMENTUM)
                         bits = random_bits(key, param.numel())
                     entry["codes"], entry["absmax"] = self.fmt.encode(momentum, bits)

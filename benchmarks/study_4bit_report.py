@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from study_4bit_agreement import PACKAGE_SHADOWS
-from study_4bit_formats import MAP_DESCRIPTIONS, MAPS, Format
+from study_4bit_formats import MAP_DESCRIPTIONS, MAPS, STOCHASTIC, Format
 from study_4bit_training import BASELINE, CHAR_LM_FLOOR, EIGHT_BIT, FASHION_BOUND, FP32, TASKS
 
 # -- choosing the finalists ----------------------------------------------------------------------
@@ -196,7 +196,7 @@ def plot(path: Path, sign: dict, result: dict, curves: list[dict]) -> None:
             continue
         fmt = Format.parse(name)
         ax.scatter(
-            fmt.bytes_per_param + (0.002 if fmt.rounding == "sr" else -0.002),
+            fmt.bytes_per_param + (0.002 if fmt.rounding in STOCHASTIC else -0.002),
             values["char-lm"],
             color=colors[fmt.map_name],
             marker="o" if fmt.rounding == "nearest" else "^",

@@ -41,13 +41,14 @@ BETAS = (0.9, 0.99)  # both examples' default (and the sign-agreement test's)
 
 
 def candidates() -> list[Format]:
-    """Every candidate of at most MAX_BYTES_PER_PARAM (blocks of 32 only with a bf16 absmax)."""
+    """Every candidate of at most MAX_BYTES_PER_PARAM (blocks of 32 only with a bf16 absmax), and
+    the grid rounding of the linear map in the layout state="4bit" ships."""
     formats = [
         Format(name, block, absmax, rounding)
         for name in MAPS
         for block, absmax in BLOCKS
         for rounding in ("nearest", "sr")
-    ]
+    ] + [Format("linear", 32, "bf16", "srgrid")]
     assert all(f.bytes_per_param <= MAX_BYTES_PER_PARAM for f in formats)
     return formats
 
