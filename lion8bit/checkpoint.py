@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import interop, reshard, sharded
+from . import interop, quant, reshard, sharded
 from . import momentum as mom
 from .options import DEFAULTS, FORMAT_OPTIONS, RUNTIME_OPTIONS, check_group_options, param_label
 
@@ -70,6 +70,8 @@ def merged_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
         merged.setdefault("decoupled_initial_lr", float(merged["lr"]))
         merged["betas"] = tuple(merged["betas"])
         check_group_options(merged, f"loaded param_groups[{group_index}]", zero_lr=True)
+        check_levels_4bit(merged, f"param_groups[{group_index}]", merged["state"] == "4bit")
+        merged[quant.LEVELS_4BIT_KEY] = quant.LEVELS_4BIT
         for name in FORMAT_OPTIONS:
             if merged[name] != group[name]:
                 raise ValueError(
@@ -84,6 +86,36 @@ def merged_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
             merged["param_names"] = group["param_names"]
         merged_all.append(merged)
     return merged_all
+
+
+def check_levels_4bit(group: dict, where: str, holds_4bit: bool) -> None:
+    """ValueError unless a saved group's 4-bit codes mean this version's levels: its
+    ``quant.LEVELS_4BIT_KEY`` must be ``quant.LEVELS_4BIT``, or absent where it holds no 4-bit
+    momentum (``holds_4bit`` false: a checkpoint from before the key, of another state kind)."""
+    levels = group.get(quant.LEVELS_4BIT_KEY)
+    if levels == quant.LEVELS_4BIT or (levels is None and not holds_4bit):
+        return
+    meaning = (
+        "the square-root levels +-((2k-1)/15)**2 of lion8bit's first 4-bit momentum (a state dict "
+        f"without {quant.LEVELS_4BIT_KEY!r})"
+        if levels is None
+        else f"levels {levels!r}"
+    )
+    raise ValueError(
+        f"{where}: its 4-bit momentum codes mean {meaning}; this version's codes mean "
+        f"{quant.LEVELS_4BIT!r} levels ((2c - 15) / 15), so they cannot be read as they are. "
+        "Resume with the lion8bit version that wrote it; there, "
+        "lion8bit.interop.to_lion_pytorch_state_dict(optimizer) gives the momentum as fp32 "
+        "exp_avg, which this version loads into any state kind."
+    )
+
+
+def check_pickled_levels_4bit(state: dict) -> None:
+    """:func:`check_levels_4bit` for each group of an optimizer's pickled ``__dict__`` (an
+    optimizer unpickled from before the key is refused if it holds 4-bit momentum)."""
+    for index, group in enumerate(state["param_groups"]):
+        holds_4bit = any(mom.stored_format(state["state"].get(p, {})) == "4bit" for p in group["params"])
+        check_levels_4bit(group, f"param_groups[{index}]", holds_4bit)
 
 
 def loaded_state(state_dict: dict, groups: list[dict], allocator: Callable) -> defaultdict:

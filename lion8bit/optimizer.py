@@ -172,13 +172,16 @@ class Lion(Optimizer):
         # The lr at construction, for decoupled weight decay. A key of our own: LR schedulers
         # own "initial_lr" and some rewrite it (OneCycleLR sets max_lr / div_factor).
         group.setdefault("decoupled_initial_lr", float(group["lr"]))
+        group[quant.LEVELS_4BIT_KEY] = quant.LEVELS_4BIT  # saved: checkpoint.check_levels_4bit
 
     def __setstate__(self, state: dict) -> None:
+        checkpoint.check_pickled_levels_4bit(state)  # before anything changes
         super().__setstate__(state)
         for group in self.param_groups:
             for name, default in DEFAULTS.items():
                 group.setdefault(name, default)
             group.setdefault("decoupled_initial_lr", float(group["lr"]))
+            group[quant.LEVELS_4BIT_KEY] = quant.LEVELS_4BIT
         self.__dict__.setdefault("_paged_warned", False)
         self._block_sizes = {}  # loaded state: check it at the next step
         self._plans = None  # the next full step makes them (an unpickled or copied optimizer comes here)

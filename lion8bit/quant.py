@@ -3,8 +3,8 @@
 - The 8-bit blockwise format of bitsandbytes >= 0.44: bitsandbytes' signed "dynamic" codebook of
   256 fp32 values, blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32
   absmax per block, nearest rounding (ties toward zero), and no non-zero value stored as zero.
-- The 4-bit blockwise format: 16 square-root-companded levels, two codes per byte, blocks of 32
-  with a bf16 absmax rounded up, stochastic rounding (docs/4bit-study.md chose it).
+- The 4-bit blockwise format: 16 uniform levels, two codes per byte, blocks of 32 with a bf16
+  absmax rounded up, stochastic rounding on the level grid (docs/4bit-study.md chose it).
 - Round-to-nearest-even and stochastic rounding to bf16 / fp16, with a counter-based RNG keyed on
   (seed, step, stream, element index) so every backend draws the same bits.
 
@@ -166,18 +166,27 @@ def dequantize_blockwise(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4-bit blockwise format (state="4bit"; docs/4bit-study.md: "sqrt-32-bf16-sr", the format that
-# met the 8-bit evidence bounds on both examples)
+# 4-bit blockwise format (state="4bit"; docs/4bit-study.md: "linear-32-bf16-srgrid", uniform
+# levels with the grid rounding below, which met the 8-bit evidence bounds on both examples)
 
 BLOCK_SIZE_4BIT = 32  # elements per absmax block of "4bit": fixed, the format the gate passed
+# Level c of the 16 is (2c - 15) / 15: +-1/15, +-3/15, ..., +-1, spacing 2/15. No zero level:
+# every code carries a sign, so a stored momentum never loses its sign (the 8-bit format needs a
+# rule for that; this one cannot). On the grid t = 7.5 * (x + 1) of a normalized value x, level
+# c sits at t = c, so coding is a floor and a compare, with no search and no division.
+GRID_HALF_4BIT = 7.5  # (16 - 1) / 2
+SMALL_ABSMAX_4BIT = 2.0**-64  # blocks of a smaller absmax are scaled by SMALL_SCALE_4BIT (grid_4bit)
+SMALL_SCALE_4BIT = 2.0**64
+# Which levels the "4bit" codes mean, recorded in every param group (key LEVELS_4BIT_KEY) so a
+# state dict written with other levels is refused, not misread (lion8bit/checkpoint.py): the
+# square-root levels +-((2k-1)/15)**2 of the first 4-bit release have no marker.
+LEVELS_4BIT_KEY = "levels_4bit"
+LEVELS_4BIT = "uniform"
 
 
 def _build_levels_4bit() -> torch.Tensor:
-    # Square-root companding: uniform in sqrt|x|, +-((2k-1)/15)**2 for k = 1..8, computed in
-    # float64 and rounded once to fp32. No zero level: every code carries a sign, so a stored
-    # momentum never loses its sign (the 8-bit format needs a rule for that; this one cannot).
-    magnitudes = torch.tensor([((2 * k - 1) / 15) ** 2 for k in range(1, 9)], dtype=torch.float64)
-    return torch.cat([-magnitudes.flip(0), magnitudes]).to(torch.float32)
+    # (2c - 15) / 15 in float64, rounded once to fp32.
+    return torch.tensor([(2 * c - 15) / 15 for c in range(16)], dtype=torch.float64).to(torch.float32)
 
 
 _LEVELS_4BIT = _build_levels_4bit()  # 16 sorted fp32 values: codes 0..7 negative, 8..15 positive
@@ -228,23 +237,40 @@ def _normalize(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -> t
     return (blocks * inverse[:, None]).reshape(-1)[: flat.numel()]
 
 
-def codes_4bit(normalized: torch.Tensor, uniform: torch.Tensor | float) -> torch.Tensor:
-    """uint8 codes 0..15 of fp32 values already divided by their block's absmax.
+def grid_4bit(values: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 values in blocks of 32 with the given absmax a -> their place t on the level grid
+    (level c at t = c, so t = 7.5 * (m / a + 1) up to rounding), in three fp32 roundings:
 
-    Between the two levels lo < hi around x (hi: the first level >= x, at least level 1), the
-    code of hi is taken iff ``uniform`` < (x - lo) / (hi - lo), in fp32 (two subtractions, one
-    correctly rounded division); values at or beyond the end levels take them. Stochastic
-    rounding passes u = (bits >> 8) * 2**-24 (exact in fp32, so E[level] = x up to that fp32
-    rounding); nearest rounding passes 0.5 (ties go to lo: 0 is stored as -1/225).
+        t = (m * scale) * (7.5 / (a * scale)) + 7.5
+
+    the quotient correctly rounded per block (0 unless a > 0), scale = 2**64 for a < 2**-64 (else
+    1). The scale keeps 7.5 * 2**24 / (a * scale) finite for every bf16 a, so a kernel can carry
+    t * 2**24 with no other rounding (power-of-two scaling is exact; cpu_lion_nibbles.h). With
+    |m| <= a, t is in [-2**-21, 15] (one ulp below 0 at most, tests/test_quant.py); NaN for a
+    non-finite m in a block of NaN or infinite absmax."""
+    flat = values.reshape(-1).float()
+    absmax = absmax.float()
+    scale = torch.where(absmax < SMALL_ABSMAX_4BIT, SMALL_SCALE_4BIT, 1.0)
+    # A tensor numerator: a Python float over a tensor is reciprocal-then-multiply in torch
+    # (Tensor.__rtruediv__), two roundings.
+    quotient = torch.full_like(absmax, GRID_HALF_4BIT) / (absmax * scale)
+    grid_scale = torch.where(absmax > 0, quotient, torch.zeros_like(absmax))
+    blocks = _as_blocks(flat, BLOCK_SIZE_4BIT) * scale[:, None]
+    return (blocks * grid_scale[:, None]).reshape(-1)[: flat.numel()] + GRID_HALF_4BIT
+
+
+def codes_4bit(grid: torch.Tensor, uniform: torch.Tensor | float) -> torch.Tensor:
+    """uint8 codes 0..15 of fp32 places t on the level grid (:func:`grid_4bit`).
+
+    t is clamped to [0, 15] (NaN to 0); then with f = floor(t), the code is f + 1 iff
+    ``uniform`` < t - f (exact in fp32), else f. Stochastic rounding passes
+    u = (bits >> 8) * 2**-24 (exact in fp32, so E[code] = t and E[level] = x up to t's fp32
+    roundings); nearest rounding passes 0.5 (ties go down: 0 is stored as -1/15).
     """
-    levels = levels_4bit(normalized.device)
-    x = normalized.float()
-    hi = torch.searchsorted(levels, x, right=False).clamp(1, len(levels) - 1)
-    low, high = levels[hi - 1], levels[hi]
-    fraction = (x - low) / (high - low)
-    index = torch.where(uniform < fraction, hi, hi - 1)
-    index = torch.where(x <= levels[0], 0, index)
-    return torch.where(x >= levels[-1], len(levels) - 1, index).to(torch.uint8)
+    t = grid.float()
+    t = torch.where(t > 0, t, 0.0).clamp(max=2 * GRID_HALF_4BIT)
+    floor = t.floor()
+    return (floor + (uniform < t - floor).float()).to(torch.uint8)
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -275,9 +301,8 @@ def codes_4bit_with_absmax(
     absmax (and the bits of its own elements) gets the codes the whole block would (how a block
     cut by a shard boundary is requantized, lion8bit/shard_blocks.py).
     """
-    normalized = _normalize(values, absmax, BLOCK_SIZE_4BIT)
     uniform = 0.5 if bits is None else uniform_from_bits(bits.reshape(-1))
-    return codes_4bit(normalized, uniform)
+    return codes_4bit(grid_4bit(values, absmax), uniform)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, numel: int) -> torch.Tensor:

@@ -246,12 +246,14 @@ def test_stochastic_rounding_keeps_exact_and_nonfinite_values(dtype):
 # -- the 4-bit format (state="4bit") ----------------------------------------------------------
 
 
-def test_4bit_levels_are_the_square_root_companded_map():
+def test_4bit_levels_are_uniform_and_sit_on_the_grid():
     levels = quant.levels_4bit()
-    magnitudes = torch.tensor([((2 * k - 1) / 15) ** 2 for k in range(1, 9)], dtype=torch.float64).float()
-    assert levels.dtype == torch.float32 and levels.numel() == 16
-    assert torch.equal(levels[8:], magnitudes) and torch.equal(levels[:8], -magnitudes.flip(0))
+    expected = torch.tensor([(2 * c - 15) / 15 for c in range(16)], dtype=torch.float64).float()
+    assert levels.dtype == torch.float32 and torch.equal(levels, expected)
     assert not torch.any(levels == 0), "every code carries a sign"
+    # Level c at grid place c, to within the grid's fp32 roundings (absmax 1: grid_scale 7.5).
+    grid = quant.grid_4bit(levels, torch.ones(1))
+    assert torch.all((grid - torch.arange(16)).abs() <= 2**-20)
 
 
 @pytest.mark.parametrize("numel", [0, 1, 2, 31, 33, 4097])
@@ -279,7 +281,8 @@ def test_bf16_absmax_is_rounded_up_and_exact_when_representable():
 
 def test_4bit_nearest_keeps_levels_and_the_block_maximum():
     levels = quant.levels_4bit()
-    assert torch.equal(levels[quant.codes_4bit(levels, 0.5).long()], levels)
+    codes = quant.codes_4bit_with_absmax(levels, torch.ones(1))
+    assert torch.equal(codes, torch.arange(16, dtype=torch.uint8))
     values = torch.randn(1000)
     codes, absmax = quant.quantize_4bit(values)
     decoded = quant.dequantize_4bit(codes, absmax, values.numel())
@@ -289,15 +292,64 @@ def test_4bit_nearest_keeps_levels_and_the_block_maximum():
     assert torch.equal(torch.sign(decoded[top]), torch.sign(values[top]))
 
 
-def test_4bit_stochastic_rounding_picks_the_upper_level_with_its_fraction():
-    # For x between levels lo < hi, over u = k / 2**12 (k = 0 .. 4095) the share taking hi is
-    # the fraction (x - lo) / (hi - lo) to within one grid step: E[level] = x.
-    levels = quant.levels_4bit()
+# Grid places and the codes they must get with u = 0.5 (nearest, ties down) and u = 0: the clamp
+# to [0, 15] (NaN to 0, as cpu_lion_nibbles.h's integer codes need), floors, fractions.
+GRID_CASES = [
+    # (t, code with u = 0.5, code with u = 0)
+    (float("nan"), 0, 0),
+    (-float("inf"), 0, 0),
+    (-1e-6, 0, 0),
+    (0.0, 0, 0),
+    (0.25, 0, 1),
+    (0.5, 0, 1),
+    (0.75, 1, 1),
+    (7.5, 7, 8),
+    (14.0, 14, 14),
+    (14.9999990463, 15, 15),
+    (15.0, 15, 15),
+    (15.000002, 15, 15),
+    (float("inf"), 15, 15),
+]
+
+
+@pytest.mark.parametrize("t, nearest, above_zero", GRID_CASES, ids=[str(case[0]) for case in GRID_CASES])
+def test_4bit_codes_clamp_floor_and_compare(t, nearest, above_zero):
+    grid = torch.tensor([t], dtype=torch.float32)
+    assert quant.codes_4bit(grid, 0.5).item() == nearest
+    assert quant.codes_4bit(grid, 0.0).item() == above_zero
+
+
+def test_4bit_grid_of_a_block_maximum_overshoots_only_below_0_by_one_ulp():
+    """For every positive finite bf16 absmax a, +a lands on 15 and -a within 2**-21 of 0, with no
+    clamp: a * RN(7.5 / a) is within 7.5 * 2**-24 of 7.5, so its fp32 rounding is at most one
+    ulp (2**-21) off, and 15 + 2**-21 rounds to 15 (to even). The fused CPU step relies on it:
+    cpu_lion_nibbles.h codes16's one clamp, at 0, takes NaN and -2**-21 (which occurs)."""
+    absmax = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    peaks = absmax.repeat_interleave(quant.BLOCK_SIZE_4BIT).view(-1, 2, 16)
+    peaks[:, 1] *= -1  # each block holds +a and -a
+    grid = quant.grid_4bit(peaks.reshape(-1), absmax).view(-1, 2, 16)
+    assert torch.all(grid[:, 0] == 15.0)
+    assert torch.all(grid[:, 1].abs() <= 2.0**-21)
+    assert torch.any(grid[:, 1] < 0)
+
+
+def test_4bit_stochastic_rounding_takes_the_upper_code_with_its_fraction():
+    # For t between codes f < f + 1, over u = k / 2**12 (k = 0 .. 4095) the share taking f + 1
+    # is t - f to within one grid step of u: E[code] = t, so E[level] = x.
     uniforms = torch.arange(4096, dtype=torch.float32) / 4096
-    for lo in range(15):
-        x = levels[lo] + 0.3 * (levels[lo + 1] - levels[lo])
-        codes = quant.codes_4bit(x.expand(4096).clone(), uniforms)
-        assert set(codes.tolist()) <= {lo, lo + 1}
-        share = (codes == lo + 1).float().mean()
-        fraction = (x - levels[lo]) / (levels[lo + 1] - levels[lo])
-        assert abs(float(share - fraction)) <= 1 / 4096
+    for floor in range(15):
+        t = torch.tensor(floor + 0.3)
+        codes = quant.codes_4bit(t.expand(4096).clone(), uniforms)
+        assert set(codes.tolist()) <= {floor, floor + 1}
+        share = (codes == floor + 1).float().mean()
+        assert abs(float(share - (t - floor))) <= 1 / 4096
+
+
+def test_4bit_small_absmax_is_scaled_so_the_grid_keeps_its_bits():
+    # Below 2**-64 a block is scaled by 2**64 (quant.SMALL_SCALE_4BIT), exactly: its grid places
+    # are those of the same block scaled up by 2**64. Unscaled, 7.5 / absmax would overflow here.
+    values = torch.linspace(-1, 1, 32) * 2.0**-130
+    absmax = quant.round_up_to_bf16(values.abs().max().reshape(1))
+    scaled = quant.grid_4bit(values * 2.0**64, absmax.float() * 2.0**64)
+    assert torch.equal(quant.grid_4bit(values, absmax), scaled)
+    assert quant.grid_4bit(values, absmax)[0] == 0.0 and quant.grid_4bit(values, absmax)[-1] == 15.0

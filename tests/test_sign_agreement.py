@@ -82,10 +82,10 @@ def agreement() -> dict[str, float]:
         # Issue 7's bound. The dynamic map's top decade spaces codes 0.9/64 of the block's absmax
         # apart, so m is off by up to ~0.7% of absmax and signs of c that close to zero may flip.
         pytest.param("8bit", 0.97, id="8bit>=0.97"),
-        # benchmarks/results/study_4bit_sign.csv: 0.9290 on this sequence for the format "4bit"
-        # is (sqrt-32-bf16-sr); the same map rounding to nearest, which failed the training gate,
-        # 0.8905, and every 4-bit candidate 0.78-0.93.
-        pytest.param("4bit", 0.92, id="4bit>=0.92"),
+        # benchmarks/results/study_4bit_sign.csv: 0.9045 on this sequence for the format "4bit"
+        # is (linear-32-bf16-srgrid); the same map rounding to nearest, which failed the training
+        # gate, 0.8479, and every 4-bit candidate 0.78-0.93.
+        pytest.param("4bit", 0.90, id="4bit>=0.90"),
         # Issue 7's bound. bf16 keeps 8 significant bits: a flip needs |c| within 2**-9 of |beta1*m|.
         pytest.param("bf16", 0.995, id="bf16>=0.995"),
     ],

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from lion8bit import Lion
+from lion8bit import Lion, quant
 from lion8bit import momentum as mom
 
 from helpers import native_cpu_backends
@@ -273,3 +273,49 @@ def test_corrupted_4bit_state_is_rejected(corrupt, message):
     _, target = _trained(state="4bit")
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state_dict)
+
+
+# -- what the 4-bit codes mean (quant.LEVELS_4BIT_KEY) -------------------------------------------
+
+
+def test_4bit_checkpoints_record_their_levels_and_other_levels_are_refused():
+    """A 4-bit group's codes mean the levels its param group names; a state dict without the key
+    (the square-root levels of the first 4-bit release) or with other levels is refused, naming
+    the group, before anything changes. 8-bit checkpoints from before the key still load."""
+    _, source = _trained(state="4bit")
+    saved = source.state_dict()
+    assert saved["param_groups"][0][quant.LEVELS_4BIT_KEY] == quant.LEVELS_4BIT
+    target_model, target = _trained(state="4bit")
+    train(target_model, target, 1, seed=5)
+    before = snapshot(target)
+    for levels, message in ((None, "the square-root levels"), ("sqrt", "levels 'sqrt'")):
+        legacy = copy.deepcopy(saved)
+        legacy["param_groups"][0].pop(quant.LEVELS_4BIT_KEY)
+        if levels is not None:
+            legacy["param_groups"][0][quant.LEVELS_4BIT_KEY] = levels
+        with pytest.raises(ValueError, match=rf"param_groups\[0\]: its 4-bit momentum codes mean {message}"):
+            target.load_state_dict(legacy)
+    after = snapshot(target)
+    for entry_before, entry_after in zip(before["state"].values(), after["state"].values(), strict=True):
+        assert all(torch.equal(v, entry_after[k]) for k, v in entry_before.items() if isinstance(v, torch.Tensor))
+    target.load_state_dict(saved)
+    assert_same_state(target, source)
+    _, eight_bit = _trained(state="8bit")
+    old = copy.deepcopy(eight_bit.state_dict())
+    old["param_groups"][0].pop(quant.LEVELS_4BIT_KEY)
+    other_model, other = _trained(state="8bit")
+    other.load_state_dict(old)
+    assert other.param_groups[0][quant.LEVELS_4BIT_KEY] == quant.LEVELS_4BIT
+
+
+def test_an_unpickled_4bit_optimizer_from_before_the_levels_key_is_refused():
+    model, optimizer = _trained(state="4bit")
+    state = copy.copy(optimizer.__getstate__())
+    state["param_groups"] = [dict(group) for group in state["param_groups"]]
+    state["param_groups"][0].pop(quant.LEVELS_4BIT_KEY)
+    restored = Lion.__new__(Lion)
+    with pytest.raises(ValueError, match="square-root levels"):
+        restored.__setstate__(state)
+    state["param_groups"][0][quant.LEVELS_4BIT_KEY] = quant.LEVELS_4BIT
+    restored.__setstate__(state)
+    assert restored.param_groups[0][quant.LEVELS_4BIT_KEY] == quant.LEVELS_4BIT

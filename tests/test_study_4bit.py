@@ -105,7 +105,7 @@ def test_format_round_trip_keeps_the_block_maximum_and_the_budget():
 
 def test_shipped_4bit_state_is_the_gated_format_bit_for_bit():
     """lion8bit's state="4bit" (the spec, backend "torch") steps exactly as the study's
-    FormatLion with sqrt-32-bf16-sr, the format that passed the gate: params, codes and absmax
+    FormatLion with linear-32-bf16-srgrid, the format that passed the gate: params, codes and absmax
     agree after several steps, with partial blocks (the fused backends are tied to the spec by
     tests/test_backends.py). No tensor under min_8bit_size: FormatLion updates fp32 momentum as
     lion-pytorch does (add_ with alpha, one rounding), the spec with two roundings."""
@@ -115,7 +115,7 @@ def test_shipped_4bit_state_is_the_gated_format_bit_for_bit():
     ours = [torch.nn.Parameter(x.clone()) for x in start]
     theirs = [torch.nn.Parameter(x.clone()) for x in start]
     ours_opt = Lion(ours, lr=1e-3, weight_decay=0.1, state="4bit", backend="torch")
-    gated = formats.Format.parse("sqrt-32-bf16-sr")
+    gated = formats.Format.parse("linear-32-bf16-srgrid")
     theirs_opt = formats.FormatLion(theirs, lr=1e-3, weight_decay=0.1, fmt=gated, min_size=4096)
     assert torch.equal(quant.levels_4bit(), gated.levels)
     for _ in range(4):

@@ -1,10 +1,11 @@
 """The "4bit" momentum of backend="triton" in Triton's interpreter (lion8bit/kernels/
 triton_lion_nibbles.py): its codec run alone (tests/triton_probes.py) against quant.quantize_4bit
 and quant.dequantize_4bit at the places where rounding decides — values at the levels and at the
-midpoints between them, each +-1 and 2 ulp, uniforms equal to the fraction and one step either
-side, subnormal and all-zero blocks, NaN and infinities, odd sizes — and its step through the
-backend at sizes 1, 31 and 33, at element offsets and with zero-size tensors. The step for every
-option, dtype and size is in the conformance suite (tests/test_backends.py, FORMATS).
+midpoints between them (grid places at and next to integers and halves), each +-1 and 2 ulp,
+uniforms equal to the grid fraction and one step either side, subnormal and all-zero blocks, NaN
+and infinities, odd sizes — and its step through the backend at sizes 1, 31 and 33, at element
+offsets and with zero-size tensors. The step for every option, dtype and size is in the
+conformance suite (tests/test_backends.py, FORMATS).
 """
 
 import pytest
@@ -43,7 +44,7 @@ def _boundary_values() -> torch.Tensor:
     pad = -len(candidates) % (BLOCK - 1)
     candidates = torch.cat([candidates, torch.zeros(pad)]).view(-1, BLOCK - 1)
     blocks = torch.cat([candidates, torch.ones(len(candidates), 1)], dim=1)
-    # 2**-140: a subnormal absmax, normalized after the 2**24 rescale (values flush to fewer bits).
+    # 2**-140: a subnormal absmax, scaled by 2**64 first (values flush to fewer bits).
     return torch.cat([blocks * scale for scale in (1.0, -(2.0**-3), 2.0**-140)]).reshape(-1)
 
 
@@ -61,18 +62,17 @@ def _other_values(generator) -> torch.Tensor:
 
 
 def _reference_fraction(values: torch.Tensor) -> torch.Tensor:
-    """The fraction quant.codes_4bit compares u with, from the reference's own normalization."""
+    """The fraction quant.codes_4bit compares u with: t - floor(t) of the reference's grid place t
+    (clamped to [0, 15], NaN to 0), a multiple of 2**-24."""
     absmax = quant.round_up_to_bf16(quant.blockwise_absmax(values, BLOCK))
-    x = quant._normalize(values, absmax, BLOCK)
-    levels = quant.levels_4bit()
-    hi = torch.searchsorted(levels, x).clamp(1, 15)
-    return (x - levels[hi - 1]) / (levels[hi] - levels[hi - 1])
+    t = quant.grid_4bit(values, absmax)
+    t = torch.where(t > 0, t, 0.0).clamp(max=15.0)
+    return t - t.floor()
 
 
 def _bit_sets(values: torch.Tensor, generator) -> dict[str, torch.Tensor]:
-    """Random bits, and bits whose uniform u = (bits >> 8) * 2**-24 is the fraction rounded down
-    to a multiple of 2**-24 (equal where it is one: the tie goes to the lower level) and one
-    step above and below it."""
+    """Random bits, and bits whose uniform u = (bits >> 8) * 2**-24 is the fraction (the tie: the
+    lower code) and one step of 2**-24 above and below it."""
     random = torch.randint(0, 2**32, values.shape, dtype=torch.int64, generator=generator)
     steps = (_reference_fraction(values).double() * 2**24).floor().nan_to_num(0).clamp(0, 2**24 - 1).long()
     low_byte = random & 0xFF  # ignored by the uniform: any value

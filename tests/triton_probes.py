@@ -90,7 +90,7 @@ ROWS_4BIT = 8
 def _quantize_4bit_kernel(
     values_ptr, bits_ptr, levels_ptr, packed_ptr, absmax_ptr, numel, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
-    # What the step does to its new momentum m: absmax, round up, normalize, codes, pack.
+    # What the step does to its new momentum m: absmax, round up, grid, codes, pack.
     blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offsets < numel
@@ -99,7 +99,7 @@ def _quantize_4bit_kernel(
     absmax, absmax32 = nibbles.round_up_to_bf16(
         tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, triton_lion_kernels._max_propagating_nan)
     )
-    codes = nibbles.codes(nibbles.normalize(m, absmax32), bits, levels_ptr)
+    codes = nibbles.codes(nibbles.grid(m, absmax32), bits)
     byte_offsets, byte_mask = nibbles.byte_tile(blocks, numel, BLOCK, False, tl.float32)
     tl.store(packed_ptr + byte_offsets, nibbles.pack(tl.where(mask, codes, 0), ROWS, BLOCK), mask=byte_mask)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks * BLOCK < numel)

@@ -1,8 +1,9 @@
-// The "4bit" momentum format in the fused CPU step (lion8bit/kernels/cpu_lion.cpp): 16 levels,
-// two codes per byte, blocks of 32 with a bf16 absmax rounded up, stochastic rounding
-// (lion8bit/quant.py, "4-bit blockwise format"). Scalar loops for any CPU (the stages and the
-// cautious pre-pass), and where the compiler targets AVX-512 a fused 16-lane step (two vectors
-// per block) that keeps the new momentum in registers until its block's absmax is known.
+// The "4bit" momentum format in the fused CPU step (lion8bit/kernels/cpu_lion.cpp): 16 uniform
+// levels, two codes per byte, blocks of 32 with a bf16 absmax rounded up, stochastic rounding on
+// the level grid (lion8bit/quant.py, "4-bit blockwise format"). Scalar loops for any CPU (the
+// stages and the cautious pre-pass), and where the compiler targets AVX-512 a fused 16-lane step
+// (two vectors per block) that keeps the new momentum in registers until its block's absmax is
+// known.
 #pragma once
 
 #include "cpu_lion_stages.h"
@@ -13,16 +14,16 @@ namespace {
 // quant.BLOCK_SIZE_4BIT: fixed by the format, whatever the group's block_size.
 constexpr int64_t BLOCK_4BIT = 32;
 
-// quant.levels_4bit(): +-((2k-1)/15)**2 rounded once to fp32 (float64 -> fp32 in Python, written
+// quant.levels_4bit(): (2c - 15) / 15 rounded once to fp32 (float64 -> fp32 in Python, written
 // here as the resulting fp32 values, so no C++ libm is involved). Every code occurs in the
 // conformance suite's random momenta, so a wrong constant fails tests/test_backends.py.
 constexpr float LEVELS_4BIT[16] = {
-    -1.0f, -0x1.8091a2p-1f, -0x1.13579cp-1f, -0x1.70a3d8p-2f, -0x1.be0246p-3f, -0x1.c71c72p-4f,
-    -0x1.47ae14p-5f, -0x1.234568p-8f, 0x1.234568p-8f, 0x1.47ae14p-5f, 0x1.c71c72p-4f,
-    0x1.be0246p-3f, 0x1.70a3d8p-2f, 0x1.13579cp-1f, 0x1.8091a2p-1f, 1.0f};
-// The code torch.searchsorted's clamped neighbours give NaN: NaN sorts after every level, so
-// hi = 15, lo = 14, and u < NaN is false (checked in tests/test_cpu_kernel.py).
-constexpr int NAN_CODE_4BIT = 14;
+    -1.0f, -0x1.bbbbbcp-1f, -0x1.777778p-1f, -0x1.333334p-1f, -0x1.dddddep-2f, -0x1.555556p-2f,
+    -0x1.99999ap-3f, -0x1.111112p-4f, 0x1.111112p-4f, 0x1.99999ap-3f, 0x1.555556p-2f,
+    0x1.dddddep-2f, 0x1.333334p-1f, 0x1.777778p-1f, 0x1.bbbbbcp-1f, 1.0f};
+// quant.GRID_HALF_4BIT, SMALL_ABSMAX_4BIT, SMALL_SCALE_4BIT; the last code.
+constexpr float GRID_HALF_4BIT = 7.5f, SMALL_ABSMAX_4BIT = 0x1p-64f, SMALL_SCALE_4BIT = 0x1p64f;
+constexpr int LAST_CODE_4BIT = 15;
 
 inline float bf16_value(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
@@ -34,25 +35,23 @@ inline uint16_t absmax_4bit(uint32_t peak_bits) {
   return (up & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFF : static_cast<uint16_t>(up >> 16);
 }
 
-// quant._normalize's per-block scalars from the stored bf16 absmax a (as the reference reads it
-// back, absmax.float()): x = (m * scale) * inverse, with scale = 2**24 for a subnormal (or zero,
-// or negative-zero) a, and inverse 0 unless a > 0 (so NaN and 0 give 0).
-inline void normalizer_4bit(uint16_t stored, float& scale, float& inverse) {
+// quant.grid_4bit's per-block scalars from the stored bf16 absmax a (as the reference reads it
+// back, absmax.float()): t = (m * scale) * grid_scale + 7.5, with scale = 2**64 for a < 2**-64
+// (zero and negative zero too), and grid_scale = 7.5 / (a * scale), 0 unless a > 0 (so NaN and
+// 0 give 0).
+inline void grid_normalizer_4bit(uint16_t stored, float& scale, float& grid_scale) {
   float a = bf16_value(stored);
-  scale = a < SUBNORMAL_ABSMAX ? SUBNORMAL_SCALE : 1.0f;
-  inverse = a > 0 ? 1.0f / (a * scale) : 0.0f;
+  scale = a < SMALL_ABSMAX_4BIT ? SMALL_SCALE_4BIT : 1.0f;
+  grid_scale = a > 0 ? GRID_HALF_4BIT / (a * scale) : 0.0f;
 }
 
-// quant.codes_4bit of one normalized value with uniform u: hi = #levels < x (clamped to 1..15),
-// the upper neighbour iff u < (x - level[lo]) / (level[hi] - level[lo]) in fp32.
-inline uint8_t code_4bit(float x, float u) {
-  if (x != x) return NAN_CODE_4BIT;
-  if (x <= LEVELS_4BIT[0]) return 0;
-  if (x >= LEVELS_4BIT[15]) return 15;
-  int hi = 1;
-  for (int k = 1; k < 15; ++k) hi += LEVELS_4BIT[k] < x;
-  float fraction = (x - LEVELS_4BIT[hi - 1]) / (LEVELS_4BIT[hi] - LEVELS_4BIT[hi - 1]);
-  return static_cast<uint8_t>(u < fraction ? hi : hi - 1);
+// quant.codes_4bit of one grid place t with uniform u: t clamped to [0, 15] (NaN to 0), then
+// f = floor(t), and f + 1 iff u < t - f.
+inline uint8_t code_4bit(float t, float u) {
+  t = t > 0 ? t : 0.0f;
+  t = t < LAST_CODE_4BIT ? t : static_cast<float>(LAST_CODE_4BIT);
+  const float f = std::floor(t);
+  return static_cast<uint8_t>(static_cast<int>(f) + (u < t - f));
 }
 
 // quant.uniform_from_bits: (bits >> 8) * 2**-24, exact in fp32.
@@ -122,101 +121,43 @@ inline void levels32_by_parity(const uint8_t* bytes, __m512 levels, __m512& even
   odd = _mm512_permutexvar_ps(_mm512_srli_epi32(pairs, 4), levels);
 }
 
-// #levels[0..14] < x (code_4bit's hi before its clamp to >= 1) by buckets of |x|: the fp32
-// exponent and top mantissa bit, clamped to [2**-7, 1], make 15 half-octaves (the clamped ends
-// take in 0 and +-inf), each holding at most one of these levels of either sign, so the count
-// is the bucket's base plus (x > its level). The sign picks the upper table (index bit 4).
-// Tables from LEVELS_4BIT; codes16 with it gave the binary search's codes on all 2**32 fp32
-// patterns (u = 0, 0.5 and 1 - 2**-24, a scratch harness).
-struct Buckets4 {
-  __m512 bound_positive, bound_negative;
-  __m512i base_positive, base_negative;
+// The step's grid in units of 2**-24: codes16 reads t * 2**24 as an integer.
+constexpr float GRID_UNIT = 0x1p24f;
 
-  Buckets4() {
-    alignas(64) float bounds[32];
-    alignas(64) int32_t bases[32];
-    const float inf = std::numeric_limits<float>::infinity();
-    for (int j = 0; j < 16; ++j) {
-      // Bucket j: |x| in [start, end), exponent 120 + j / 2 (2**-7 .. 1) and mantissa bit j % 2.
-      float start = j == 0 ? 0.0f : std::ldexp(1.0f + 0.5f * (j % 2), j / 2 - 7);
-      float end = j >= 14 ? inf : std::ldexp(1.0f + 0.5f * ((j + 1) % 2), (j + 1) / 2 - 7);
-      bases[j] = bases[16 + j] = 0;
-      bounds[j] = bounds[16 + j] = inf;
-      for (int k = 0; k < 15; ++k) {
-        const float level = LEVELS_4BIT[k];
-        bases[j] += level < start;  // x in [start, end)
-        if (level >= start && level < end) bounds[j] = level;
-        bases[16 + j] += level <= -end;  // x in (-end, -start]
-        if (level > -end && level <= -start) bounds[16 + j] = level;
-      }
-      // code_4bit's clamp of hi to >= 1, in the table: only the buckets of x <= -1 count no
-      // level, and there x > bound (-1, or +inf below -1.5) never holds.
-      bases[16 + j] = std::max(bases[16 + j], 1);
-    }
-    // Bucket 15 (|x| >= 1.5) is NaN's: no x of the step gets there (|x| <= 1 + 2**-23), and a NaN
-    // x, quiet from the multiply, has the exponent's low 3 bits and the top mantissa bit set.
-    // hi = 15 for either sign, x > +inf never holds, and a NaN fraction makes the code hi - 1:
-    // NAN_CODE_4BIT without a select of its own.
-    bases[15] = bases[31] = 15;
-    bounds[15] = bounds[31] = inf;
-    bound_positive = _mm512_load_ps(bounds);
-    bound_negative = _mm512_load_ps(bounds + 16);
-    base_positive = _mm512_load_si512(bases);
-    base_negative = _mm512_load_si512(bases + 16);
-  }
-};
-
-// code_4bit on 16 lanes: hi by Buckets4, which replaced a 4-step binary search (3 dependent
-// permutes, 4 compares): codes16 alone 0.21 -> 0.19 ns per element, the whole fp32 step 2.47 ->
-// 2.35 ms (2M elements, one thread, best of 150; the 8-bit step: 1.72 ms). The end rules need
-// no compare of their own: x <= -1 (-inf too) gives hi = 1 and a fraction <= 0, so lo = 0 since
-// u >= 0; x >= 1 (+inf too) gives hi = 15 and a fraction >= 1 (fp32 rounding is monotonic), so
-// 15 since u < 1. Only NaN (fraction NaN, u < NaN false: code lo) needs its own select.
-// The step's x = (m * scale) * inverse is at most 1 + 2**-23 in magnitude (or NaN), so |x|'s
-// half-octave needs no clamp at the top. Both u and the fraction come scaled by 2**24
-// (uniform16, level_gaps): u * 2**24 < fraction * 2**24 exactly when u < fraction, the scaling
-// of a quotient whose |x - lo| is 0 or at least 2**-31 being exact, and one multiply fewer.
-inline __m512i codes16(__m512 x, __m512 uniform, __m512 below, __m512 gaps, const Buckets4& buckets) {
-  const __m512i one = _mm512_set1_epi32(1), bits = _mm512_castps_si512(x);
-  // |x|'s bits >> 22, at least 240 (2**-7): the low 4 bits are the bucket; bit 4 from the sign.
-  __m512i half_octave =
-      _mm512_max_epu32(_mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), 22), _mm512_set1_epi32(240));
-  __m512i bucket = _mm512_ternarylogic_epi32(half_octave, _mm512_srli_epi32(bits, 27), _mm512_set1_epi32(16), 0xD8);
-  __m512i hi = _mm512_permutex2var_epi32(buckets.base_positive, bucket, buckets.base_negative);
-  __m512 bound = _mm512_permutex2var_ps(buckets.bound_positive, bucket, buckets.bound_negative);
-  hi = _mm512_mask_add_epi32(hi, _mm512_cmp_ps_mask(x, bound, _CMP_GT_OQ), hi, one);
-  __m512 fraction = _mm512_div_ps(_mm512_sub_ps(x, _mm512_permutexvar_ps(hi, below)), _mm512_permutexvar_ps(hi, gaps));
-  // lo = hi - 1 unless u < fraction (not for a NaN fraction: unordered compares true here).
-  return _mm512_mask_sub_epi32(hi, _mm512_cmp_ps_mask(uniform, fraction, _CMP_NLT_UQ), hi, one);
+// code_4bit on 16 lanes, in integers: `grid` is t * 2**24, computed as the reference computes t
+// but with grid_scale * 2**24 and 7.5 * 2**24 (each rounding scales exactly by 2**24: the scale
+// 2**64 of small blocks keeps 7.5 * 2**24 / (a * scale) finite and normal, and a product too
+// small to be normal is absorbed by + 7.5 either way); `complement` is 2**24 - 1 - u * 2**24
+// (complement16). Then:
+// - T = int(grid) is exact: t is a multiple of 2**-22 (t >= 3.5 has an ulp of 2**-22 or more;
+//   below 3.5, (m * scale) * grid_scale < -4 is a multiple of 2**-21 and adding 7.5 is exact),
+//   and NaN converts to INT_MIN;
+// - one clamp, at 0: |m| <= a, and a * RN(7.5 / a) is within 7.5 * 2**-24 of 7.5, so
+//   (m * scale) * grid_scale is within one ulp of [-7.5, 7.5] and t in [-2**-21, 15] (15 + 2**-21
+//   rounds to even: 15); tests/test_quant.py checks every bf16 absmax. The max takes -2**-21
+//   and NaN to 0, as the reference's clamp;
+// - with f = T >> 24 and r = T's low 24 bits, (t - f) * 2**24: u < t - f iff u * 2**24 < r iff
+//   r + complement >= 2**24, so the code is (T + complement) >> 24.
+// With the grid's multiply and add, 6 vector instructions for 16 codes.
+inline __m512i codes16(__m512 grid, __m512i complement) {
+  __m512i t = _mm512_max_epi32(_mm512_cvttps_epi32(grid), _mm512_setzero_si512());
+  return _mm512_srli_epi32(_mm512_add_epi32(t, complement), 24);
 }
 
-// level[hi - 1] by hi (lane 0 unused): codes16 reads the level below x without hi - 1.
-inline __m512 levels_below() {
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14),
-                               _mm512_loadu_ps(LEVELS_4BIT));
-}
-
-// level[hi] - level[hi - 1] by hi (lane 0 unused), the fp32 subtraction the reference makes,
-// times 2**-24 (exact: codes16 compares in units of 2**-24).
-inline __m512 level_gaps() {
-  __m512 levels = _mm512_loadu_ps(LEVELS_4BIT);
-  return _mm512_mul_ps(_mm512_mask_blend_ps(0x1, _mm512_sub_ps(levels, levels_below()), _mm512_set1_ps(1.0f)),
-                       _mm512_set1_ps(0x1p-24f));
-}
-
-// u * 2**24 (the integer bits >> 8, exact in fp32) of 16 elements of a block at flat indices
-// index + elements (index a multiple of 32, each of `elements` below 32; one element key: a
-// block never straddles a multiple of 2**32). mix32's input (index + e) ^ key is then k ^ e
-// with k = index ^ key, and its first step x ^ (x >> 16) is k ^ (k >> 16) ^ e (e < 2**16): a
-// scalar per vector, so three vector instructions fewer.
-inline __m512 uniform16(uint32_t index, uint32_t element_key, __m512i elements) {
+// 2**24 - 1 - u * 2**24 (u * 2**24 = bits >> 8, the integer quant.uniform_from_bits scales) of 16
+// elements of a block at flat indices index + elements (index a multiple of 32, each of
+// `elements` below 32; one element key: a block never straddles a multiple of 2**32): that is
+// (~bits) >> 8. mix32's input (index + e) ^ key is then k ^ e with k = index ^ key, and its first
+// step x ^ (x >> 16) is k ^ (k >> 16) ^ e (e < 2**16): a scalar per vector, so three vector
+// instructions fewer; its last xor and the complement are one ternary-logic instruction.
+inline __m512i complement16(uint32_t index, uint32_t element_key, __m512i elements) {
   const uint32_t k = index ^ element_key;
   __m512i x = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int32_t>(k ^ (k >> 16))), elements);
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  return _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 8));
+  // 0xC3: ~(a ^ b), whatever the third operand.
+  return _mm512_srli_epi32(_mm512_ternarylogic_epi32(x, _mm512_srli_epi32(x, 16), x, 0xC3), 8);
 }
 
 #endif
@@ -248,14 +189,14 @@ inline void encode_4bit(const float* __restrict m, uint8_t* __restrict codes, ui
     for (int64_t i = 0; i < count; ++i) peak = std::max(peak, float_bits(m[b + i]) & 0x7FFFFFFFu);
     const uint16_t stored = absmax_4bit(peak);
     absmax[(start + b) / BLOCK_4BIT] = stored;
-    float scale, inverse;
-    normalizer_4bit(stored, scale, inverse);
+    float scale, grid_scale;
+    grid_normalizer_4bit(stored, scale, grid_scale);
     const int64_t index = offset + start + b;  // 32-aligned: one element key per block
     const uint32_t element_key = mix32(static_cast<uint32_t>(key) ^ static_cast<uint32_t>(index >> 32));
     uint8_t block[BLOCK_4BIT + 1] = {};  // +1: the zero high nibble of an odd count
     for (int64_t i = 0; i < count; ++i) {
       float u = uniform_4bit(mix32((static_cast<uint32_t>(index) + static_cast<uint32_t>(i)) ^ element_key));
-      block[i] = code_4bit((m[b + i] * scale) * inverse, u);
+      block[i] = code_4bit((m[b + i] * scale) * grid_scale + GRID_HALF_4BIT, u);
     }
     uint8_t* out = codes + (start + b) / 2;
     for (int64_t j = 0; 2 * j < count; ++j) out[j] = static_cast<uint8_t>(block[2 * j] | (block[2 * j + 1] << 4));
@@ -287,19 +228,20 @@ inline __m512i block_maxima(const __m512i (&peaks)[GROUP_4BIT]) {
   return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), transposed);
 }
 
-// absmax_4bit and normalizer_4bit on 16 lanes, the same integer and fp32 operations: the stored
-// absmax (low 16 bits of each lane), and scale and inverse.
-inline __m512i normalizers16(__m512i peak_bits, __m512& scale, __m512& inverse) {
+// absmax_4bit and grid_normalizer_4bit on 16 lanes, the same integer and fp32 operations: the
+// stored absmax (low 16 bits of each lane), and scale and grid_scale * 2**24 (codes16's unit;
+// 7.5 * 2**24 / (a * scale) is 2**24 * grid_scale exactly, both normal: a * scale >= 2**-69).
+inline __m512i normalizers16(__m512i peak_bits, __m512& scale, __m512& grid_scale) {
   const __m512i low_bits = _mm512_set1_epi32(0xFFFF);
   __m512i up = _mm512_mask_add_epi32(peak_bits, _mm512_test_epi32_mask(peak_bits, low_bits),
                                      _mm512_or_si512(peak_bits, low_bits), _mm512_set1_epi32(1));
   __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(up, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
   __m512i stored = _mm512_mask_mov_epi32(_mm512_srli_epi32(up, 16), nan, low_bits);
   __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(stored, 16));
-  scale = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(SUBNORMAL_ABSMAX), _CMP_LT_OQ), _mm512_set1_ps(1.0f),
-                               _mm512_set1_ps(SUBNORMAL_SCALE));
-  inverse = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f),
-                                _mm512_mul_ps(a, scale));
+  scale = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(SMALL_ABSMAX_4BIT), _CMP_LT_OQ), _mm512_set1_ps(1.0f),
+                               _mm512_set1_ps(SMALL_SCALE_4BIT));
+  grid_scale = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                   _mm512_set1_ps(GRID_HALF_4BIT * GRID_UNIT), _mm512_mul_ps(a, scale));
   return stored;
 }
 
@@ -320,12 +262,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   const int64_t grad_dtype = GRAD == ANY_DTYPE ? d[GRAD_DTYPE] : GRAD, offset = d[ELEMENT_OFFSET];
   const bool stochastic_param = !DEFAULT_OPTIONS && param_key >= 0 && param_dtype == BF16;
   const Update16 k(o, aligned_step, misaligned_step);
-  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), below = levels_below(), gaps = level_gaps();
-  // Made once, copied to registers: built per call, the tables cost 1 us per tensor of a 4-bit
-  // group of 300 tensors of 64 elements (3.6-5.1 against 2.4-4.2 us per tensor per step, builds
-  // alternated in one process).
-  static const Buckets4 tables;
-  const Buckets4 buckets = tables;
+  const __m512 levels = _mm512_loadu_ps(LEVELS_4BIT), grid_offset = _mm512_set1_ps(GRID_HALF_4BIT * GRID_UNIT);
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF),
                 lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // bf16 params and grads: a block's two vectors hold its even and odd elements (load32_by_parity,
@@ -382,16 +319,16 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
     return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(m_new[0]), magnitude_mask),
                             _mm512_and_si512(_mm512_castps_si512(m_new[1]), magnitude_mask));
   };
-  // Block b's codes from its new momentum m (m * scale with `scaled`; a scale of 1, every block
-  // but those of subnormal absmax, skips its multiply, m * 1 being m, for a NaN too up to its
-  // payload, which the code does not see).
-  auto encode_block = [&](int64_t b, const __m512* m, bool scaled, __m512 scale, __m512 inverse) {
+  // Block b's codes from its new momentum m and its grid_scale * 2**24 (m * scale with
+  // `scaled`; a scale of 1, every block but those of absmax below 2**-64, skips its multiply,
+  // m * 1 being m, for a NaN too up to its payload, which the code does not see).
+  auto encode_block = [&](int64_t b, const __m512* m, bool scaled, __m512 scale, __m512 grid_scale) {
     const int64_t index = offset + b;
     const uint32_t element_key = momentum_key_of(index);
     __m512i block[2];
     for (int v = 0; v < 2; ++v) {
-      __m512 x = _mm512_mul_ps(scaled ? _mm512_mul_ps(m[v], scale) : m[v], inverse);
-      block[v] = codes16(x, uniform16(static_cast<uint32_t>(index), element_key, elements[v]), below, gaps, buckets);
+      __m512 grid = _mm512_add_ps(_mm512_mul_ps(scaled ? _mm512_mul_ps(m[v], scale) : m[v], grid_scale), grid_offset);
+      block[v] = codes16(grid, complement16(static_cast<uint32_t>(index), element_key, elements[v]));
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + b / 2),
                      by_parity ? pack32_by_parity(block[0], block[1]) : pack32(block[0], block[1]));
@@ -404,9 +341,12 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
     // elements, one thread, best of 150).
     struct Held {
       __m512 m[2];
-      float scale, inverse;
+      float scale, grid_scale;
       int64_t b;
     } held;
+    auto encode_held = [&] {  // grid_scale * 2**24: exact, and normal (normalizers16)
+      encode_block(held.b, held.m, held.scale != 1.0f, _mm512_set1_ps(held.scale), _mm512_set1_ps(held.grid_scale * GRID_UNIT));
+    };
     for (int64_t b = start; b < end; b += BLOCK_4BIT) {
       __m512 m_new[2];
       __m512i peak = update_block(b, m_new);
@@ -415,12 +355,12 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
       // elements, one thread, paired builds).
       const uint16_t stored = absmax_4bit(_mm512_reduce_max_epu32(peak));
       absmax[b / BLOCK_4BIT] = stored;
-      float scale, inverse;
-      normalizer_4bit(stored, scale, inverse);
-      if (b > start) encode_block(held.b, held.m, held.scale != 1.0f, _mm512_set1_ps(held.scale), _mm512_set1_ps(held.inverse));
-      held = Held{{m_new[0], m_new[1]}, scale, inverse, b};
+      float scale, grid_scale;
+      grid_normalizer_4bit(stored, scale, grid_scale);
+      if (b > start) encode_held();
+      held = Held{{m_new[0], m_new[1]}, scale, grid_scale, b};
     }
-    if (end > start) encode_block(held.b, held.m, held.scale != 1.0f, _mm512_set1_ps(held.scale), _mm512_set1_ps(held.inverse));
+    if (end > start) encode_held();
     return;
   }
   // 16-bit params: a group's updates, then one reduction and normalizer for its 16 blocks, then
@@ -429,7 +369,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
   // two; medians of 41-401 paired rounds, builds alternated). With fp32 params, whose traffic
   // bounds the step, the buffer's stores did not pay: 0.93-1.23x, no clear gain.
   alignas(64) float buffers[2][GROUP_4BIT * BLOCK_4BIT];
-  alignas(64) float scales[2][GROUP_4BIT], inverses[2][GROUP_4BIT];
+  alignas(64) float scales[2][GROUP_4BIT], grid_scales[2][GROUP_4BIT];
   struct Pending {
     int64_t g = -1, blocks = 0;
     bool scaled = false;
@@ -440,7 +380,7 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
       const float* m = buffers[slot] + q * BLOCK_4BIT;
       const __m512 values[2] = {_mm512_load_ps(m), _mm512_load_ps(m + 16)};
       encode_block(group.g + q * BLOCK_4BIT, values, group.scaled, _mm512_set1_ps(scales[slot][q]),
-                   _mm512_set1_ps(inverses[slot][q]));
+                   _mm512_set1_ps(grid_scales[slot][q]));
     }
   };
   int slot = 0;
@@ -457,11 +397,11 @@ void step_4bit_vectors_of(const int64_t* d, const Options& o, int64_t start, int
       _mm512_store_ps(buffers[slot] + q * BLOCK_4BIT, m_new[0]);
       _mm512_store_ps(buffers[slot] + q * BLOCK_4BIT + 16, m_new[1]);
     }
-    __m512 scale, inverse;
+    __m512 scale, grid_scale;
     const __mmask16 present = static_cast<__mmask16>((1u << blocks) - 1);
-    _mm512_mask_cvtepi32_storeu_epi16(absmax + g / BLOCK_4BIT, present, normalizers16(block_maxima(peaks), scale, inverse));
+    _mm512_mask_cvtepi32_storeu_epi16(absmax + g / BLOCK_4BIT, present, normalizers16(block_maxima(peaks), scale, grid_scale));
     _mm512_store_ps(scales[slot], scale);
-    _mm512_store_ps(inverses[slot], inverse);
+    _mm512_store_ps(grid_scales[slot], grid_scale);
     pending[slot] = Pending{g, blocks, _mm512_mask_cmpneq_ps_mask(present, scale, _mm512_set1_ps(1.0f)) != 0};
     if (pending[slot ^ 1].g >= 0) encode_group(slot ^ 1);
     pending[slot ^ 1].g = -1;

@@ -436,7 +436,7 @@ def _lion_step_kernel(
             tl.reduce(tl.where(mask, tl.abs(m), 0.0), 1, _max_propagating_nan)
         )
         bits = _stream_bits(rounding_keys_ptr, slot, 1, indices, True)
-        codes = nibbles.codes(nibbles.normalize(m, absmax32), bits, code_values_ptr)
+        codes = nibbles.codes(nibbles.grid(m, absmax32), bits)
         # Elements past the end code 0: an odd count's last high nibble (quant.pack_nibbles).
         codes = nibbles.pack(tl.where(mask, codes, 0), ROWS, QUANT_BLOCK)
         tl.store(momentum_ptr + code_offsets, codes, mask=code_mask)

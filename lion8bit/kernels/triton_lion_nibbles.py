@@ -7,32 +7,23 @@ so decoding is ``join(level[low], level[high])`` reshaped to the element tile an
 inverse (``split`` of the tile reshaped to [ROWS, 16, 2]). Each byte of codes is loaded once and
 stored once (tests/test_triton_compile.py counts them in the sm_80 / sm_90 PTX).
 
-Every step rounds the codes stochastically, bit for bit as quant.codes_4bit with
-quant.uniform_from_bits: between the levels lo < hi around the normalized x, hi iff
-u < (x - lo) / (hi - lo), u = (bits >> 8) * 2**-24.
+Every step rounds the codes stochastically, bit for bit as quant.codes_4bit of quant.grid_4bit
+with quant.uniform_from_bits: on the level grid t = (m * scale) * (7.5 / (absmax * scale)) + 7.5
+(level c at t = c), clamped to [0, 15], the code is floor(t) + 1 iff u < t - floor(t),
+u = (bits >> 8) * 2**-24. No search and no per-element division.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .. import quant
 
-# The 8 positive level magnitudes' fp32 bit patterns (levels 8..15; levels 0..7 are their
-# negatives): hi is found by comparing |x|'s bits with them, which for non-negative fp32 values
-# is comparing the values, so no level table is read for the search.
-_MAGNITUDES = quant.levels_4bit()[8:].view(torch.int32).tolist()
-if quant.levels_4bit()[:8].flip(0).neg().view(torch.int32).tolist() != _MAGNITUDES:
-    raise RuntimeError("the 4-bit levels are no longer symmetric: the kernel's level search assumes it")
-if quant.levels_4bit()[-1] != 1.0:
-    raise RuntimeError("the 4-bit end levels are no longer +-1: the kernel's end clamps assume it")
-_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7 = (tl.constexpr(bits) for bits in _MAGNITUDES)
-_LAST_LEVEL = tl.constexpr(len(quant.levels_4bit()) - 1)  # 15
-_POSITIVE = tl.constexpr(len(_MAGNITUDES))  # 8: the first positive level
-_SUBNORMAL_ABSMAX = tl.constexpr(quant.SUBNORMAL_ABSMAX)
-_SUBNORMAL_SCALE = tl.constexpr(quant.SUBNORMAL_SCALE)
+_LAST_PLACE = tl.constexpr(2 * quant.GRID_HALF_4BIT)  # 15.0: the last code's place on the grid
+_GRID_HALF = tl.constexpr(quant.GRID_HALF_4BIT)
+_SMALL_ABSMAX = tl.constexpr(quant.SMALL_ABSMAX_4BIT)
+_SMALL_SCALE = tl.constexpr(quant.SMALL_SCALE_4BIT)
 
 
 @triton.jit
@@ -90,42 +81,24 @@ def round_up_to_bf16(absmax):
 
 
 @triton.jit
-def normalize(m, absmax):
-    # quant._normalize: (m * scale) * (1 / (absmax * scale)), scale 2**24 for a subnormal absmax
-    # (1/absmax would overflow), 0 for an absmax of 0 (or NaN: absmax > 0 is false). div_rn: a
-    # correctly rounded reciprocal as torch.reciprocal ("/" on fp32 lowers to div.full.f32 on
-    # NVIDIA, 2 ulp).
-    scale = tl.where(absmax < _SUBNORMAL_ABSMAX, _SUBNORMAL_SCALE, 1.0)
+def grid(m, absmax):
+    # quant.grid_4bit: (m * scale) * (7.5 / (absmax * scale)) + 7.5, scale 2**64 for an absmax
+    # below 2**-64, the quotient 0 unless absmax > 0 (NaN and 0 give 0). div_rn: a correctly
+    # rounded quotient as torch's fp32 division ("/" on fp32 lowers to div.full.f32 on NVIDIA,
+    # 2 ulp); the launch's enable_fp_fusion=False keeps the multiply and the add two roundings.
+    scale = tl.where(absmax < _SMALL_ABSMAX, _SMALL_SCALE, 1.0)
     scaled = tl.where(absmax > 0, absmax * scale, 1.0)
-    inverse = tl.where(absmax > 0, tl.math.div_rn(1.0, scaled), 0.0)
-    return (m * scale[:, None]) * inverse[:, None]
+    grid_scale = tl.where(absmax > 0, tl.math.div_rn(_GRID_HALF, scaled), 0.0)
+    return (m * scale[:, None]) * grid_scale[:, None] + _GRID_HALF
 
 
 @triton.jit
-def _above(bits, MAGNITUDE: tl.constexpr):
-    return (bits > MAGNITUDE).to(tl.int32)
-
-
-@triton.jit
-def codes(x, bits, levels_ptr):
-    # quant.codes_4bit(x, quant.uniform_from_bits(bits)) for fp32 x, int32 codes 0..15.
-    # hi = clamp(#levels < x, 1, 15). With a = |x| and the positive magnitudes M_k: for x > 0,
-    # #levels < x = 8 + #{M_k < a}; for x < 0 it is 8 - #{M_k <= a} (-M_k < x iff M_k > a). On
-    # the bits of non-negative fp32 values M < a iff bits(M) < bits(a), and M <= a iff
-    # bits(M) < bits(a) + 1. x = +-0: 8 (the reference's searchsorted too). NaN (x < 0 false,
-    # its bits above every M): 16 -> 15, and u < NaN is false, so lo = 14, as searchsorted puts
-    # a NaN of either sign after every level.
-    negative = x < 0
-    search = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + negative.to(tl.int32)
-    count = _above(search, _M0) + _above(search, _M1) + _above(search, _M2) + _above(search, _M3)
-    count += _above(search, _M4) + _above(search, _M5) + _above(search, _M6) + _above(search, _M7)
-    hi = tl.where(negative, _POSITIVE - count, _POSITIVE + count)
-    hi = tl.minimum(tl.maximum(hi, 1), _LAST_LEVEL)
-    low = tl.load(levels_ptr + (hi - 1))
-    high = tl.load(levels_ptr + hi)
-    # Two subtractions and one correctly rounded division, as the reference's fp32 ops.
-    fraction = tl.math.div_rn(x - low, high - low)
+def codes(t, bits):
+    # quant.codes_4bit(t, quant.uniform_from_bits(bits)) for fp32 grid places t, int32 codes
+    # 0..15: t clamped to [0, 15] (t > 0 is false for NaN: 0), f = floor(t), f + 1 iff u < t - f.
+    # The floor compiles to libdevice's flush-to-zero cvt.rmi.ftz (sm_80 / sm_90 PTX, triton
+    # 3.6-3.9), the same here: the step's t is 0 or at least 2**-21 (cpu_lion_nibbles.h codes16).
+    t = tl.minimum(tl.where(t > 0, t, 0.0), _LAST_PLACE)
+    floor = tl.floor(t)
     uniform = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24, exact
-    code = tl.where(uniform < fraction, hi, hi - 1)
-    code = tl.where(x <= -1.0, 0, code)  # level 0 is -1.0, level 15 is 1.0
-    return tl.where(x >= 1.0, _LAST_LEVEL, code)
+    return floor.to(tl.int32) + (uniform < t - floor).to(tl.int32)
