@@ -97,7 +97,7 @@ def codes(t, bits):
     # quant.codes_4bit(t, quant.uniform_from_bits(bits)) for fp32 grid places t, int32 codes
     # 0..15: t clamped to [0, 15] (t > 0 is false for NaN: 0), f = floor(t), f + 1 iff u < t - f.
     # The floor compiles to libdevice's flush-to-zero cvt.rmi.ftz (sm_80 / sm_90 PTX, triton
-    # 3.6-3.9), the same here: the step's t is 0 or at least 2**-21 (cpu_lion_nibbles.h codes16).
+    # 3.9), the same here: the clamped t is 0 or at least 2**-21 (cpu_lion_nibbles.h codes16).
     t = tl.minimum(tl.where(t > 0, t, 0.0), _LAST_PLACE)
     floor = tl.floor(t)
     uniform = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24, exact
