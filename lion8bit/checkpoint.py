@@ -71,7 +71,6 @@ def merged_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
         merged["betas"] = tuple(merged["betas"])
         check_group_options(merged, f"loaded param_groups[{group_index}]", zero_lr=True)
         check_levels_4bit(merged, f"param_groups[{group_index}]", merged["state"] == "4bit")
-        merged[quant.LEVELS_4BIT_KEY] = quant.LEVELS_4BIT
         for name in FORMAT_OPTIONS:
             if merged[name] != group[name]:
                 raise ValueError(
